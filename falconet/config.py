@@ -55,7 +55,9 @@ class ModelConfig:
                 f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if d.get("hidden_act", "silu") != "silu":
-            raise FalconetError(f"unsupported hidden_act {d['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
+            raise FalconetError(
+                f"unsupported hidden_act {d['hidden_act']!r}: only 'silu' (SwiGLU) is supported"
+            )
         hidden, heads = d["hidden_size"], d["num_attention_heads"]
         # transformers >= 5 nests rope settings in rope_parameters; older versions use
         # rope_theta and rope_scaling at the top level.

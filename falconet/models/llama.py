@@ -1,0 +1,156 @@
+"""The Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2) in plain PyTorch.
+
+Input is flattened: token ids [T] and their positions [T] for any number of sequences,
+with the batch layout held by the KV cache object. q/k/v and gate/up projections are
+fused into one matmul each (as in gpt-fast and nano-vllm); `load_weights` maps the
+Hugging Face parameter names onto the fused layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from falconet.config import ModelConfig
+from falconet.errors import FalconetError
+from falconet.models.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the model dtype, as the reference does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rope(positions, q, k)
+        o = kv_cache.attend(self.layer, q, k, v)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer, rope)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# Hugging Face parameter name fragment -> (our fused parameter, index of its shard).
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.max_positions = max_positions or config.max_position_embeddings
+        rope = RotaryEmbedding(config, self.max_positions)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rope) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
+        """Hidden states [T, hidden] for flattened tokens; call `compute_logits` on the rows needed."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, kv_cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors in; every parameter must be covered exactly once."""
+        params = dict(self.named_parameters())
+        filled: dict[str, int] = {}
+        for hf_name, tensor in weights.items():
+            name = hf_name.removeprefix("model.")
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # some checkpoints store the tied head anyway
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            shard = None
+            for frag, (fused, idx) in _FUSED.items():
+                if f".{frag}." in name:
+                    name, shard = name.replace(frag, fused), idx
+                    break
+            if name not in params:
+                raise FalconetError(f"unexpected weight {hf_name!r} for a {self.config.model_type} model")
+            target = params[name].data
+            if shard is not None:
+                target = self._shard(name, target, shard)
+            if target.shape != tensor.shape:
+                raise FalconetError(
+                    f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            filled[name] = filled.get(name, 0) + 1
+        missing = [n for n in params if n not in filled]
+        if missing:
+            raise FalconetError(
+                f"checkpoint is missing weights: {', '.join(missing[:5])}"
+                + (" ..." if len(missing) > 5 else "")
+            )
+
+    def _shard(self, name: str, target: torch.Tensor, idx: int) -> torch.Tensor:
+        c = self.config
+        if "qkv_proj" in name:
+            q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            return target.narrow(0, [0, q, q + kv][idx], [q, kv, kv][idx])
+        return target.narrow(0, idx * c.intermediate_size, c.intermediate_size)

@@ -1,0 +1,90 @@
+"""The command line through subprocess: generate, chat over stdin, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from falconet import LLM, SamplingParams
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "falconet.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def assert_clean_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error: "), res.stderr
+    for n in needles:
+        assert n in res.stderr, res.stderr
+
+
+def test_generate_greedy_equals_library(default_gguf):
+    res = run_cli("generate", "The capital of France is", "--model", str(default_gguf), "-n", "12", "-t", "0")
+    assert res.returncode == 0, res.stderr
+    expected = (
+        LLM(str(default_gguf), max_model_len=256)
+        .generate("The capital of France is", SamplingParams(max_tokens=12, temperature=0))[0]
+        .text
+    )
+    assert res.stdout == expected + "\n"
+
+
+def test_chat_over_stdin(default_gguf):
+    script = "Say hi.\n/reset\nWhat is two plus two?\n/exit\n"
+    res = run_cli("chat", "--model", str(default_gguf), "-n", "16", "-t", "0", stdin=script)
+    assert res.returncode == 0, res.stderr
+    answers = [line for line in res.stdout.splitlines() if line.strip()]
+    assert len(answers) >= 2, res.stdout
+    assert "conversation cleared" in res.stderr
+
+
+def test_models_lists_default(default_gguf):
+    res = run_cli("models")
+    assert res.returncode == 0
+    assert "smollm2-135m" in res.stdout and "cached" in res.stdout
+
+
+def test_unknown_model_name():
+    assert_clean_error(run_cli("generate", "hi", "--model", "no-such-model"), "unknown model")
+
+
+def test_missing_file():
+    assert_clean_error(
+        run_cli("generate", "hi", "--model", "/nonexistent/model.gguf"), "/nonexistent/model.gguf"
+    )
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(200))
+    assert_clean_error(run_cli("generate", "hi", "--model", str(bad)), "broken.gguf")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
+    assert_clean_error(run_cli("generate", "hi", "--model", str(tmp_path)), "GPT2LMHeadModel")
+
+
+@pytest.mark.parametrize("flag", [["--max-tokens", "0"], ["--top-p", "2"]])
+def test_bad_sampling_args(flag):
+    assert_clean_error(run_cli("generate", "hi", *flag))
+
+
+def test_prompt_longer_than_context(default_gguf):
+    res = run_cli("generate", "word " * 100, "--model", str(default_gguf), "--max-model-len", "32")
+    assert_clean_error(res, "context")
