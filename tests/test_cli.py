@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -88,3 +89,28 @@ def test_bad_sampling_args(flag):
 def test_prompt_longer_than_context(default_gguf):
     res = run_cli("generate", "word " * 100, "--model", str(default_gguf), "--max-model-len", "32")
     assert_clean_error(res, "context")
+
+
+def test_chat_ctrl_c_stops_answer_not_chat(default_gguf):
+    """SIGINT during an answer ends that answer; the chat goes on to the next question."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "falconet.cli", "chat", "--model", str(default_gguf), "-n", "2000", "-t", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        proc.stdin.write("Write a very long essay about the history of falconry.\n")
+        proc.stdin.flush()
+        assert proc.stdout.read(20)  # the answer is streaming
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("Say hi.\n/exit\n", timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "[stopped]" in out
+    assert "Traceback" not in err
+    after = out.split("[stopped]", 1)[1]
+    assert after.strip(), "no answer to the second question"

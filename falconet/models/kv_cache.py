@@ -26,9 +26,11 @@ class Segment:
 
 class ContiguousKVCache:
     def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        # Never read before written (attention reads only filled positions): empty, not zeros,
+        # so untouched pages cost no memory.
         shape = (config.num_layers, max_seqs, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.sliding_window = config.sliding_window
         self.lengths = [0] * max_seqs
