@@ -70,7 +70,8 @@ def test_folder_without_config(tmp_path):
 
 
 def test_unsupported_architecture_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}))
+    config = {"model_type": "falcon", "architectures": ["FalconForCausalLM"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FalconetError, match="FalconForCausalLM"):
         load_model(tmp_path, with_tokenizer=False)
 
