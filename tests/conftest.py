@@ -11,3 +11,37 @@ def default_gguf():
     from falconet.models.catalog import DEFAULT_MODEL, pull
 
     return pull(DEFAULT_MODEL, progress=False)
+
+
+TINY_LLAMA = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_kwargs() -> dict:
+    """Config fields of the tiny test models (transformers' names)."""
+    return dict(TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf():
+    """A random-initialised transformers Llama (fixed seed), the reference for our model."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_llama_hf, tmp_path_factory):
+    """`tiny_llama_hf` saved as a Hugging Face folder (config.json + model.safetensors)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama_hf.save_pretrained(path)
+    return path

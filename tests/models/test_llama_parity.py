@@ -10,16 +10,6 @@ from falconet.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-
 CASES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(rope_theta=10000.0)),
     "llama3-rope-tied": (
@@ -49,10 +39,10 @@ CASES = {
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def tiny_pair(request, tmp_path_factory):
+def tiny_pair(request, tmp_path_factory, tiny_llama_kwargs):
     config_cls, model_cls, extra = CASES[request.param]
     torch.manual_seed(0)
-    config = config_cls(**TINY, **extra)
+    config = config_cls(**{**tiny_llama_kwargs, **extra})
     ref = model_cls(config).eval()
     with torch.no_grad():  # random biases, so a dropped bias would show
         for name, p in ref.named_parameters():
@@ -67,8 +57,8 @@ def tiny_pair(request, tmp_path_factory):
 def test_logits_match_transformers(tiny_pair):
     name, ref, ours = tiny_pair
     torch.manual_seed(1)
-    prompt = torch.randint(0, TINY["vocab_size"], (13,))
-    steps = torch.randint(0, TINY["vocab_size"], (5,))
+    prompt = torch.randint(0, ours.config.vocab_size, (13,))
+    steps = torch.randint(0, ours.config.vocab_size, (5,))
 
     with torch.no_grad():
         out = ref(prompt[None], use_cache=True)
@@ -98,7 +88,8 @@ def test_batched_sequences_match_single(tiny_pair):
     """Two sequences in one flattened forward give the same logits as each alone."""
     _, _, ours = tiny_pair
     torch.manual_seed(2)
-    a, b = torch.randint(0, 97, (9,)), torch.randint(0, 97, (4,))
+    v = ours.config.vocab_size
+    a, b = torch.randint(0, v, (9,)), torch.randint(0, v, (4,))
     with torch.no_grad():
         alone = []
         for seq in (a, b):
@@ -120,7 +111,7 @@ def test_bfloat16_close_to_float32(tiny_pair, tmp_path):
     ref.save_pretrained(tmp_path)
     ours16 = load_model(tmp_path, dtype=torch.bfloat16, with_tokenizer=False).model
     ours32 = load_model(tmp_path, dtype=torch.float32, with_tokenizer=False).model
-    prompt = torch.arange(10) % 97
+    prompt = torch.arange(10)
     with torch.no_grad():
         res = []
         for m, dt in ((ours16, torch.bfloat16), (ours32, torch.float32)):

@@ -10,26 +10,10 @@ import torch
 from falconet.errors import FalconetError
 from falconet.models.loader import load_model, parse_dtype
 
-transformers = pytest.importorskip("transformers")
 
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def test_sharded_checkpoint_loads_like_single(tiny_llama, tmp_path):
-    tiny_llama.save_pretrained(tmp_path / "one")
-    tiny_llama.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+def test_sharded_checkpoint_loads_like_single(tiny_llama_hf, tmp_path):
+    tiny_llama_hf.save_pretrained(tmp_path / "one")
+    tiny_llama_hf.save_pretrained(tmp_path / "shards", max_shard_size="40KB")
     assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 1
     one = load_model(tmp_path / "one", with_tokenizer=False).model.state_dict()
     shards = load_model(tmp_path / "shards", with_tokenizer=False).model.state_dict()
@@ -37,17 +21,17 @@ def test_sharded_checkpoint_loads_like_single(tiny_llama, tmp_path):
     assert all(torch.equal(one[k], shards[k]) for k in one)
 
 
-def test_bfloat16_weights(tiny_llama, tmp_path):
-    tiny_llama.save_pretrained(tmp_path)
+def test_bfloat16_weights(tiny_llama_hf, tmp_path):
+    tiny_llama_hf.save_pretrained(tmp_path)
     model = load_model(tmp_path, dtype="bfloat16", with_tokenizer=False).model
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
 
 
-def test_missing_weight_is_named(tiny_llama, tmp_path):
+def test_missing_weight_is_named(tiny_llama_hf, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    tiny_llama.save_pretrained(tmp_path)
+    tiny_llama_hf.save_pretrained(tmp_path)
     f = tmp_path / "model.safetensors"
     weights = load_file(f)
     del weights["model.layers.1.mlp.up_proj.weight"]
@@ -56,8 +40,8 @@ def test_missing_weight_is_named(tiny_llama, tmp_path):
         load_model(tmp_path, with_tokenizer=False)
 
 
-def test_corrupt_safetensors(tiny_llama, tmp_path):
-    tiny_llama.save_pretrained(tmp_path)
+def test_corrupt_safetensors(tiny_llama_hf, tmp_path):
+    tiny_llama_hf.save_pretrained(tmp_path)
     f = tmp_path / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(FalconetError, match="model.safetensors"):
