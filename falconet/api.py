@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from falconet.engine.engine import LLMEngine
+from falconet.engine.engine import EngineConfig, LLMEngine
 from falconet.engine.request import Request
+from falconet.errors import FalconetError
 from falconet.models.loader import load_model
 from falconet.sampling_params import SamplingParams
 
@@ -49,20 +50,21 @@ class LLM:
     """A model loaded for offline generation.
 
     `model`: a known model name (default: smollm2-135m, pulled on first use), a GGUF file or a
-    Hugging Face folder. `dtype`: "float32" or "bfloat16".
+    Hugging Face folder. `dtype`: "float32" or "bfloat16". Requests submitted together are
+    served by continuous batching; each output is what the prompt would give alone.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        dtype: str | torch.dtype = "float32",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 8,
-    ):
-        loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
+    def __init__(self, model: str | None = None, dtype: str | torch.dtype = "float32", **engine_options):
+        """`engine_options`: fields of `EngineConfig` (max_num_seqs, max_num_batched_tokens,
+        max_model_len, kv_cache_memory_gb, enable_prefix_caching, enable_chunked_prefill, ...)."""
+        try:
+            config = EngineConfig(**engine_options)
+        except TypeError as e:
+            raise FalconetError(f"unknown engine option: {e}") from None
+        loaded = load_model(model, dtype=dtype, max_model_len=config.max_model_len)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.engine = LLMEngine(loaded, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+        self.engine = LLMEngine(loaded, config)
 
     def generate(
         self, prompts: str | list[str] | list[list[int]], params: SamplingParams | None = None

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_bench_latency)
+    from falconet.bench.throughput import add_throughput_parser
+
+    add_throughput_parser(bench)
     return parser
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from falconet.engine.engine import LLMEngine
+from falconet.engine.engine import EngineConfig, LLMEngine
 from falconet.models.loader import load_model, parse_dtype
 from falconet.sampling_params import SamplingParams
 
@@ -61,7 +61,11 @@ def bench_latency(
         t = time.perf_counter()
         loaded = load_model(model, dtype=parse_dtype(name))
         load_s = time.perf_counter() - t
-        engine = LLMEngine(loaded, max_num_seqs=1, max_model_len=prompt_tokens + decode_tokens + 8)
+        # No prefix caching: every repeat must compute its whole prompt.
+        config = EngineConfig(
+            max_num_seqs=1, max_model_len=prompt_tokens + decode_tokens + 8, enable_prefix_caching=False
+        )
+        engine = LLMEngine(loaded, config)
         ids = prompt_ids(loaded.tokenizer, prompt_tokens)
         run_once(engine, ids, min(decode_tokens, 8))  # warm-up
         runs = [run_once(engine, ids, decode_tokens) for _ in range(repeats)]

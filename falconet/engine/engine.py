@@ -1,24 +1,42 @@
-"""The engine loop: admit requests, run the model once per step over every running request,
-sample, detokenize, retire finished requests.
+"""The engine loop: `step()` = schedule -> run the model once -> sample -> update requests.
 
-One step computes, for each running request, the tokens it still needs (the whole prompt
-on its first step, then one token), flattened into a single forward pass.
+Every step is one forward pass over the flattened new tokens of the scheduled requests
+(prefill chunks and decodes alike). A request whose known tokens are all computed after the
+step gets its next token sampled; one still mid-prefill just waits for its next chunk.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
+from falconet.engine.block_manager import BlockManager
 from falconet.engine.detokenizer import IncrementalDetokenizer
 from falconet.engine.request import Request, RequestStatus
 from falconet.engine.sampler import make_generator, sample
+from falconet.engine.scheduler import ScheduledBatch, Scheduler
 from falconet.errors import FalconetError
-from falconet.models.kv_cache import ContiguousKVCache
+from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import LoadedModel
 from falconet.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's context length
+    block_size: int = 16
+    kv_cache_memory_gb: float = 1.0
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb (tests force preemption with it)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise FalconetError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -28,18 +46,38 @@ class StepOutput:
     text_delta: str
 
 
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_computed_tokens: int = 0  # tokens run through the model (prefix-cache hits are not)
+    num_generated_tokens: int = 0
+
+
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, max_num_seqs: int = 8, max_model_len: int | None = None):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = min(max_model_len or self.model.max_positions, self.model.max_positions)
+        self.max_model_len = min(config.max_model_len or self.model.max_positions, self.model.max_positions)
         dtype = self.model.embed_tokens.weight.dtype
-        self.kv_cache = ContiguousKVCache(loaded.config, max_num_seqs, self.max_model_len, dtype)
+        num_blocks = config.num_kv_blocks or max(
+            1,
+            int(config.kv_cache_memory_gb * 2**30)
+            // PagedKVCache.bytes_per_block(loaded.config, config.block_size, dtype),
+        )
+        self.kv_cache = PagedKVCache(loaded.config, num_blocks, config.block_size, dtype)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # Without chunking, a whole prompt must fit in one step's budget.
+        budget = config.max_num_batched_tokens
+        if not config.enable_chunked_prefill:
+            budget = max(budget, self.max_model_len)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill
+        )
         self.eos_ids = set(loaded.config.eos_token_ids)
         if self.tokenizer is not None:
             self.eos_ids |= set(self.tokenizer.eos_token_ids)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.stats = EngineStats()
 
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
@@ -54,65 +92,82 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise FalconetError(f"prompt token ids must be in [0, {vocab})")
+        longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
+            raise FalconetError(
+                f"the request needs up to {longest} tokens of KV cache; the cache holds "
+                f"{self.block_manager.num_blocks * self.block_manager.block_size} (raise kv_cache_memory_gb)"
+            )
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        req = Request(prompt_ids, params, make_generator(params.seed), detok, prompt=prompt)
-        self.waiting.append(req)
+        req = Request(list(prompt_ids), params, make_generator(params.seed), detok, prompt=prompt)
+        self.scheduler.add(req)
         return req
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
 
     def abort(self, request: Request) -> None:
-        if request in self.waiting:
-            self.waiting.remove(request)
-        self._finish(request, "abort")
+        if not request.finished:
+            self._finish(request, "abort")
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.block_manager.hit_rate
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        while self.waiting and self.kv_cache.free_slots:
-            req = self.waiting.popleft()
-            req.slot, req.status = self.kv_cache.allocate(), RequestStatus.RUNNING
-            self.running.append(req)
-        if not self.running:
+        batch = self.scheduler.schedule()
+        if not batch:
             return []
-        batch = list(self.running)
-        ids, positions, counts = [], [], []
-        for req in batch:
-            new = req.all_ids[req.num_computed :]
-            ids.extend(new)
-            positions.extend(range(req.num_computed, req.num_computed + len(new)))
-            counts.append(len(new))
-        self.kv_cache.begin_step([r.slot for r in batch], counts)
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_cache)
-        last_rows = torch.tensor(counts).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden[last_rows])
-        tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
-
+        logits, sampling = self._run_model(batch)
         outputs = []
-        for req, n, token in zip(batch, counts, tokens, strict=True):
-            req.num_computed += n
-            req.output_ids.append(token)
-            delta = req.detokenizer.add(token) if req.detokenizer is not None else ""
-            reason = self._stop_reason(req, token)
-            if reason is not None:
-                self._finish(req, reason)
-                if req.detokenizer is not None:
-                    delta += req.detokenizer.flush()
-            outputs.append(StepOutput(req, token, delta))
+        if sampling:
+            tokens = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+            for req, token in zip(sampling, tokens, strict=True):
+                outputs.append(self._append_token(req, token))
         return outputs
+
+    def _run_model(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Request]]:
+        """One forward over the batch; logits for the requests that complete this step."""
+        ids, positions, segments, last_rows, sampling = [], [], [], [], []
+        for req, n in zip(batch.requests, batch.num_tokens, strict=True):
+            start = req.num_computed
+            ids.extend(req.all_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            segments.append(Segment(req.block_table, start, n))
+            if start + n == req.num_tokens:
+                last_rows.append(len(ids) - 1)
+                sampling.append(req)
+        self.kv_cache.begin_step(segments)
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_cache)
+        for req, n in zip(batch.requests, batch.num_tokens, strict=True):
+            req.num_computed += n
+            self.block_manager.cache_full_blocks(req.block_table, req.all_ids, req.num_computed)
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += len(ids)
+        if not sampling:
+            return None, []
+        return self.model.compute_logits(hidden[torch.tensor(last_rows)]), sampling
+
+    def _append_token(self, req: Request, token: int) -> StepOutput:
+        req.output_ids.append(token)
+        self.stats.num_generated_tokens += 1
+        delta = req.detokenizer.add(token) if req.detokenizer is not None else ""
+        reason = self._stop_reason(req, token)
+        if reason is not None:
+            self._finish(req, reason)
+            if req.detokenizer is not None:
+                delta += req.detokenizer.flush()
+        return StepOutput(req, token, delta)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             return "stop"
-        if len(req.output_ids) >= p.max_tokens or len(req.all_ids) >= self.max_model_len:
+        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"
         return None
 
     def _finish(self, req: Request, reason: str) -> None:
-        if req.slot is not None:
-            self.kv_cache.free(req.slot)
-            req.slot = None
-        if req in self.running:
-            self.running.remove(req)
+        self.scheduler.finish(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason

@@ -16,6 +16,7 @@ _ids = itertools.count()
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PREEMPTED = "preempted"  # back in the queue, its KV freed, to be recomputed
     FINISHED = "finished"
 
 
@@ -29,13 +30,17 @@ class Request:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)  # KV cache blocks, in position order
     num_computed: int = 0  # tokens whose keys and values are in the KV cache
     finish_reason: str | None = None  # "stop" (EOS or a stop token), "length", "abort"
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def finished(self) -> bool:

@@ -1,9 +1,18 @@
-"""A contiguous KV cache: one fixed-length slot per running sequence.
+"""The paged KV cache: key/value storage in fixed-size blocks, and attention over block tables.
 
-The model never sees the cache layout. Each step the runner describes the batch with
-`begin_step(slots, num_new)` (flattened tokens, sequence after sequence), and every
-attention layer calls `attend(layer, q, k, v)`; a paged cache can implement the same two
-calls later without touching the model.
+PagedAttention (Kwon et al., 2023, "Efficient Memory Management for Large Language Model
+Serving with PagedAttention"): a sequence's keys and values live in blocks listed by its
+block table, so memory is allocated a block at a time and blocks can be shared.
+
+The model never sees the layout. Each step the runner describes the flattened batch with
+`begin_step(segments)` and every attention layer calls `attend(layer, q, k, v)`. Three kinds
+of segment get three attention paths:
+- fresh prompts (nothing cached before this step) are packed into one sequence and attend
+  under a block-diagonal causal mask, with positions restarted per prompt: Prepacking
+  (Zhao et al., 2024), so no prefill is ever padded;
+- single-token decodes are batched into one call over their gathered contexts;
+- continuations (a prefill chunk after cached tokens, as in SARATHI's chunked prefill) attend
+  to their gathered context with a causal mask offset by what is cached.
 """
 
 from __future__ import annotations
@@ -14,84 +23,152 @@ import torch
 import torch.nn.functional as F
 
 from falconet.config import ModelConfig
-from falconet.errors import FalconetError
 
 
 @dataclass(frozen=True)
 class Segment:
-    slot: int
-    start: int  # tokens of this sequence already cached before this step
+    block_table: list[int]
+    start: int  # tokens of this sequence already in the cache
     length: int  # new tokens of this sequence in the flattened batch
 
 
-class ContiguousKVCache:
-    def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, dtype: torch.dtype, device="cpu"):
-        # Never read before written (attention reads only filled positions): empty, not zeros,
-        # so untouched pages cost no memory.
-        shape = (config.num_layers, max_seqs, config.num_kv_heads, max_len, config.head_dim)
+class PagedKVCache:
+    def __init__(
+        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"
+    ):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
+        self.sliding_window = config.sliding_window
+        # Slots are never read before they are written, so `empty`: untouched pages cost nothing.
+        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-        self.sliding_window = config.sliding_window
-        self.lengths = [0] * max_seqs
-        self.free_slots = list(range(max_seqs - 1, -1, -1))
-        self.segments: list[Segment] = []
-        self.masks: list[torch.Tensor | None] = []
+        self.device = device
+        self._plan: list[tuple] = []
+        self._slot_mapping = torch.empty(0, dtype=torch.long)
 
-    def allocate(self) -> int:
-        if not self.free_slots:
-            raise FalconetError("KV cache has no free sequence slot")
-        slot = self.free_slots.pop()
-        self.lengths[slot] = 0
-        return slot
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+        return per_token * block_size
 
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
-        self.free_slots.append(slot)
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat slot indices of positions [start, end) of a sequence."""
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs + 1
+        blocks = torch.tensor(block_table[first:last], dtype=torch.long)
+        slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
+        return slots[start - first * bs : end - first * bs]
 
-    def begin_step(self, slots: list[int], num_new: list[int]) -> None:
-        """Describe the next forward pass: `num_new[i]` tokens of the sequence in `slots[i]`."""
-        self.segments = []
-        for slot, n in zip(slots, num_new, strict=True):
-            start = self.lengths[slot]
-            if start + n > self.max_len:
-                raise FalconetError(
-                    f"sequence needs {start + n} positions; the KV cache holds {self.max_len}"
-                )
-            self.segments.append(Segment(slot, start, n))
-            self.lengths[slot] = start + n
-        self.masks = [self._mask(s) for s in self.segments]
-
-    def _mask(self, s: Segment) -> torch.Tensor | None:
-        """Boolean [new, total] mask, or None where plain causal attention (or none) is exact."""
-        total = s.start + s.length
-        windowed = self.sliding_window is not None and total > self.sliding_window
-        if not windowed and (s.length == 1 or s.start == 0):
+    def _mask(self, start: int, length: int) -> torch.Tensor | None:
+        """[length, start + length] boolean: causal, and inside the sliding window if any."""
+        total = start + length
+        if self.sliding_window is None and length == 1:
             return None
-        q_pos = torch.arange(s.start, total).unsqueeze(1)
+        q_pos = torch.arange(start, total).unsqueeze(1)
         k_pos = torch.arange(total).unsqueeze(0)
         mask = k_pos <= q_pos
-        if windowed:
+        if self.sliding_window is not None:
             mask &= k_pos > q_pos - self.sliding_window
-        return mask.to(self.k.device)
+        return mask
+
+    def begin_step(self, segments: list[Segment]) -> None:
+        """Plan the attention of the next forward over `segments`, flattened in this order."""
+        slot_maps, plan, offset = [], [], 0
+        fresh: list[Segment] = []
+        decodes: list[tuple[int, Segment]] = []
+
+        def close_fresh(end: int) -> None:
+            if fresh:
+                lengths = [s.length for s in fresh]
+                plan.append(("packed", end - sum(lengths), end, self._packed_mask(lengths)))
+                fresh.clear()
+
+        for s in segments:
+            slot_maps.append(self._slots(s.block_table, s.start, s.start + s.length))
+            if s.start == 0:
+                fresh.append(s)
+            else:
+                close_fresh(offset)
+                if s.length == 1:
+                    decodes.append((offset, s))
+                else:
+                    ctx = self._slots(s.block_table, 0, s.start + s.length)
+                    plan.append(("context", offset, offset + s.length, ctx, self._mask(s.start, s.length)))
+            offset += s.length
+        close_fresh(offset)
+        if decodes:
+            plan.append(self._decode_plan(decodes))
+        self._plan = plan
+        self._slot_mapping = torch.cat(slot_maps) if slot_maps else torch.empty(0, dtype=torch.long)
+
+    def _packed_mask(self, lengths: list[int]) -> torch.Tensor | None:
+        """Block-diagonal causal mask for prompts packed into one sequence (None: one plain prompt)."""
+        if len(lengths) == 1 and (self.sliding_window is None or lengths[0] <= self.sliding_window):
+            return None
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        pos = torch.cat([torch.arange(n) for n in lengths])
+        mask = (ids[:, None] == ids[None, :]) & (pos[None, :] <= pos[:, None])
+        if self.sliding_window is not None:
+            mask &= pos[None, :] > pos[:, None] - self.sliding_window
+        return mask
+
+    def _decode_plan(self, decodes: list[tuple[int, Segment]]) -> tuple:
+        """One attention call for all single-token decodes: contexts gathered and right-padded."""
+        rows = torch.tensor([off for off, _ in decodes])
+        totals = [s.start + 1 for _, s in decodes]
+        width = max(totals)
+        index = torch.zeros(len(decodes), width, dtype=torch.long)
+        for i, (_, s) in enumerate(decodes):
+            index[i, : totals[i]] = self._slots(s.block_table, 0, totals[i])
+        k_pos = torch.arange(width)
+        q_pos = torch.tensor(totals).unsqueeze(1) - 1
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= k_pos > q_pos - self.sliding_window
+        return ("decode", rows, index, mask[:, None, None, :])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v of the new tokens and attend. q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache.index_copy_(0, self._slot_mapping, k)
+        v_cache.index_copy_(0, self._slot_mapping, v)
         out = torch.empty_like(q)
-        offset = 0
-        for s, mask in zip(self.segments, self.masks, strict=True):
-            end, total = offset + s.length, s.start + s.length
-            k_cache, v_cache = self.k[layer, s.slot], self.v[layer, s.slot]
-            k_cache[:, s.start : total] = k[offset:end].transpose(0, 1)
-            v_cache[:, s.start : total] = v[offset:end].transpose(0, 1)
-            o = F.scaled_dot_product_attention(
-                q[offset:end].transpose(0, 1).unsqueeze(0),
-                k_cache[:, :total].unsqueeze(0),
-                v_cache[:, :total].unsqueeze(0),
-                attn_mask=mask,
-                is_causal=mask is None and s.length > 1,
-                enable_gqa=True,
-            )
-            out[offset:end] = o[0].transpose(0, 1)
-            offset = end
+        for kind, *args in self._plan:
+            if kind == "packed":
+                start, end, mask = args
+                out[start:end] = _sdpa(q[start:end], k[start:end], v[start:end], mask)
+            elif kind == "context":
+                start, end, ctx, mask = args
+                out[start:end] = _sdpa(q[start:end], k_cache[ctx], v_cache[ctx], mask)
+            else:
+                rows, index, mask = args
+                out[rows] = _decode_attention(q[rows], k_cache[index], v_cache[index], mask)
         return out
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Single-query attention for a batch: q [B, H, D], k/v [B, W, Hkv, D], mask [B, 1, 1, W].
+
+    Written out rather than through scaled_dot_product_attention: torch's bfloat16 CPU kernel
+    costs ~8x more than these two matmuls for one query; scores and softmax are in float32.
+    """
+    b, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.view(b, hkv, h // hkv, d)  # query heads grouped by the kv head they share
+    scores = (qg @ k.permute(0, 2, 3, 1)).float() * d**-0.5  # [B, Hkv, G, W]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
+    return (probs @ v.transpose(1, 2)).reshape(b, h, d)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one (packed) sequence: q [n, H, D], k/v [m, Hkv, D]; mask None means causal."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=mask is None and q.shape[0] > 1,
+        enable_gqa=True,
+    )
+    return o[0].transpose(0, 1)

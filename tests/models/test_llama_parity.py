@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from falconet.models.kv_cache import ContiguousKVCache
+from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -69,12 +69,13 @@ def test_logits_match_transformers(tiny_pair):
             past = out.past_key_values
         ref_logits = torch.cat(ref_logits)
 
-        cache = ContiguousKVCache(ours.config, max_seqs=1, max_len=64, dtype=torch.float32)
-        slot = cache.allocate()
-        cache.begin_step([slot], [len(prompt)])
+        # Block size 4 with a shuffled block table: the sequence spans non-contiguous blocks.
+        cache = PagedKVCache(ours.config, num_blocks=16, block_size=4, dtype=torch.float32)
+        table = [9, 2, 14, 0, 5, 11]
+        cache.begin_step([Segment(table, 0, len(prompt))])
         logits = [ours.compute_logits(ours(prompt, torch.arange(len(prompt)), cache))]
         for i, t in enumerate(steps):
-            cache.begin_step([slot], [1])
+            cache.begin_step([Segment(table, len(prompt) + i, 1)])
             pos = torch.tensor([len(prompt) + i])
             logits.append(ours.compute_logits(ours(t.view(1), pos, cache)))
         logits = torch.cat(logits)
@@ -93,13 +94,11 @@ def test_batched_sequences_match_single(tiny_pair):
     with torch.no_grad():
         alone = []
         for seq in (a, b):
-            cache = ContiguousKVCache(ours.config, 1, 32, torch.float32)
-            s = cache.allocate()
-            cache.begin_step([s], [len(seq)])
+            cache = PagedKVCache(ours.config, 8, 4, torch.float32)
+            cache.begin_step([Segment([0, 1, 2], 0, len(seq))])
             alone.append(ours.compute_logits(ours(seq, torch.arange(len(seq)), cache)))
-        cache = ContiguousKVCache(ours.config, 2, 32, torch.float32)
-        sa, sb = cache.allocate(), cache.allocate()
-        cache.begin_step([sa, sb], [len(a), len(b)])
+        cache = PagedKVCache(ours.config, 8, 4, torch.float32)
+        cache.begin_step([Segment([0, 1, 2], 0, len(a)), Segment([3, 4], 0, len(b))])
         both = ours.compute_logits(
             ours(torch.cat([a, b]), torch.cat([torch.arange(9), torch.arange(4)]), cache)
         )
@@ -115,8 +114,8 @@ def test_bfloat16_close_to_float32(tiny_pair, tmp_path):
     with torch.no_grad():
         res = []
         for m, dt in ((ours16, torch.bfloat16), (ours32, torch.float32)):
-            cache = ContiguousKVCache(m.config, 1, 16, dt)
-            cache.begin_step([cache.allocate()], [10])
+            cache = PagedKVCache(m.config, 4, 4, dt)
+            cache.begin_step([Segment([0, 1, 2], 0, 10)])
             res.append(m.compute_logits(m(prompt, torch.arange(10), cache)))
     assert res[0].dtype == torch.float32
     assert (res[0] - res[1]).abs().max().item() < 0.1 * res[1].abs().max().item()
