@@ -7,12 +7,16 @@ block table, so memory is allocated a block at a time and blocks can be shared.
 The model never sees the layout. Each step the runner describes the flattened batch with
 `begin_step(segments)` and every attention layer calls `attend(layer, q, k, v)`. Three kinds
 of segment get three attention paths:
-- fresh prompts (nothing cached before this step) are packed into one sequence and attend
-  under a block-diagonal causal mask, with positions restarted per prompt: Prepacking
-  (Zhao et al., 2024), so no prefill is ever padded;
+- fresh prompts (nothing cached before this step) are packed into the one flattened sequence
+  with positions restarted per prompt, as in Prepacking (Zhao et al., 2024), so no prefill is
+  padded. Prepacking's block-diagonal mask is applied as one causal attention per prompt over
+  its own fresh keys: the same result without computing the masked-out blocks;
 - single-token decodes are batched into one call over their gathered contexts;
-- continuations (a prefill chunk after cached tokens, as in SARATHI's chunked prefill) attend
-  to their gathered context with a causal mask offset by what is cached.
+- continuations (a prefill chunk after cached tokens, SARATHI's chunked prefill) attend to
+  their gathered context with a causal mask offset by what is cached.
+
+Storage is [layers, kv_heads, slots, head_dim]: a gather of slots then comes out with kv heads
+outermost and each head's keys contiguous, ready for batched matmuls without another copy.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class PagedKVCache:
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
         self.sliding_window = config.sliding_window
         # Slots are never read before they are written, so `empty`: untouched pages cost nothing.
-        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, config.num_kv_heads, num_blocks * block_size, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.device = device
@@ -63,55 +67,33 @@ class PagedKVCache:
     def _mask(self, start: int, length: int) -> torch.Tensor | None:
         """[length, start + length] boolean: causal, and inside the sliding window if any."""
         total = start + length
-        if self.sliding_window is None and length == 1:
-            return None
+        windowed = self.sliding_window is not None and total > self.sliding_window
+        if not windowed and (length == 1 or start == 0):
+            return None  # plain causal (or a single query): no mask needed
         q_pos = torch.arange(start, total).unsqueeze(1)
         k_pos = torch.arange(total).unsqueeze(0)
         mask = k_pos <= q_pos
-        if self.sliding_window is not None:
+        if windowed:
             mask &= k_pos > q_pos - self.sliding_window
         return mask
 
     def begin_step(self, segments: list[Segment]) -> None:
         """Plan the attention of the next forward over `segments`, flattened in this order."""
-        slot_maps, plan, offset = [], [], 0
-        fresh: list[Segment] = []
-        decodes: list[tuple[int, Segment]] = []
-
-        def close_fresh(end: int) -> None:
-            if fresh:
-                lengths = [s.length for s in fresh]
-                plan.append(("packed", end - sum(lengths), end, self._packed_mask(lengths)))
-                fresh.clear()
-
+        slot_maps, plan, decodes, offset = [], [], [], 0
         for s in segments:
             slot_maps.append(self._slots(s.block_table, s.start, s.start + s.length))
             if s.start == 0:
-                fresh.append(s)
+                plan.append(("fresh", offset, offset + s.length, self._mask(0, s.length)))
+            elif s.length == 1:
+                decodes.append((offset, s))
             else:
-                close_fresh(offset)
-                if s.length == 1:
-                    decodes.append((offset, s))
-                else:
-                    ctx = self._slots(s.block_table, 0, s.start + s.length)
-                    plan.append(("context", offset, offset + s.length, ctx, self._mask(s.start, s.length)))
+                ctx = self._slots(s.block_table, 0, s.start + s.length)
+                plan.append(("context", offset, offset + s.length, ctx, self._mask(s.start, s.length)))
             offset += s.length
-        close_fresh(offset)
         if decodes:
             plan.append(self._decode_plan(decodes))
         self._plan = plan
         self._slot_mapping = torch.cat(slot_maps) if slot_maps else torch.empty(0, dtype=torch.long)
-
-    def _packed_mask(self, lengths: list[int]) -> torch.Tensor | None:
-        """Block-diagonal causal mask for prompts packed into one sequence (None: one plain prompt)."""
-        if len(lengths) == 1 and (self.sliding_window is None or lengths[0] <= self.sliding_window):
-            return None
-        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        pos = torch.cat([torch.arange(n) for n in lengths])
-        mask = (ids[:, None] == ids[None, :]) & (pos[None, :] <= pos[:, None])
-        if self.sliding_window is not None:
-            mask &= pos[None, :] > pos[:, None] - self.sliding_window
-        return mask
 
     def _decode_plan(self, decodes: list[tuple[int, Segment]]) -> tuple:
         """One attention call for all single-token decodes: contexts gathered and right-padded."""
@@ -126,47 +108,48 @@ class PagedKVCache:
         mask = k_pos <= q_pos
         if self.sliding_window is not None:
             mask &= k_pos > q_pos - self.sliding_window
-        return ("decode", rows, index, mask[:, None, None, :])
+        return ("decode", rows, index, mask[:, None, :])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v of the new tokens and attend. q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        k_cache.index_copy_(0, self._slot_mapping, k)
-        v_cache.index_copy_(0, self._slot_mapping, v)
+        k_cache, v_cache = self.k[layer], self.v[layer]  # [Hkv, slots, D]
+        k_cache.index_copy_(1, self._slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, self._slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         for kind, *args in self._plan:
-            if kind == "packed":
+            if kind == "fresh":
                 start, end, mask = args
-                out[start:end] = _sdpa(q[start:end], k[start:end], v[start:end], mask)
+                kv = (k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
+                out[start:end] = _attention(q[start:end], *kv, mask)
             elif kind == "context":
                 start, end, ctx, mask = args
-                out[start:end] = _sdpa(q[start:end], k_cache[ctx], v_cache[ctx], mask)
+                out[start:end] = _attention(q[start:end], k_cache[:, ctx], v_cache[:, ctx], mask)
             else:
                 rows, index, mask = args
-                out[rows] = _decode_attention(q[rows], k_cache[index], v_cache[index], mask)
+                out[rows] = _decode_attention(q[rows], k_cache[:, index], v_cache[:, index], mask)
         return out
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Single-query attention for a batch: q [B, H, D], k/v [B, W, Hkv, D], mask [B, 1, 1, W].
+    """Single-query attention for a batch: q [B, H, D], k/v [Hkv, B, W, D], mask [B, 1, W].
 
     Written out rather than through scaled_dot_product_attention: torch's bfloat16 CPU kernel
-    costs ~8x more than these two matmuls for one query; scores and softmax are in float32.
+    costs ~8x more than these two matmuls for one query. Scores and softmax are in float32.
     """
     b, h, d = q.shape
-    hkv = k.shape[2]
-    qg = q.view(b, hkv, h // hkv, d)  # query heads grouped by the kv head they share
-    scores = (qg @ k.permute(0, 2, 3, 1)).float() * d**-0.5  # [B, Hkv, G, W]
+    hkv = k.shape[0]
+    qg = q.view(b, hkv, h // hkv, d).transpose(0, 1)  # [Hkv, B, G, D]: heads grouped by kv head
+    scores = (qg @ k.transpose(-1, -2)).float() * d**-0.5  # [Hkv, B, G, W]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
-    return (probs @ v.transpose(1, 2)).reshape(b, h, d)
+    return (probs @ v).transpose(0, 1).reshape(b, h, d)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one (packed) sequence: q [n, H, D], k/v [m, Hkv, D]; mask None means causal."""
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one sequence: q [n, H, D], k/v [Hkv, m, D]; mask None means causal."""
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),
-        k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0),
+        k.unsqueeze(0),
+        v.unsqueeze(0),
         attn_mask=mask,
         is_causal=mask is None and q.shape[0] > 1,
         enable_gqa=True,
