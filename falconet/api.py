@@ -21,7 +21,10 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: str | None  # "stop", "length" or "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    cumulative_logprob: float | None = None  # with logprobs requested
+    logprobs: list[dict[int, float]] | None = None  # per token: chosen + top alternatives
 
 
 @dataclass
@@ -69,21 +72,25 @@ class LLM:
     def generate(
         self, prompts: str | list[str] | list[list[int]], params: SamplingParams | None = None
     ) -> list[RequestOutput]:
-        """Complete each prompt (text, or a list of token ids); outputs come back in prompt order."""
+        """Complete each prompt (text, or a list of token ids); outputs come back in prompt order.
+
+        With n > 1 each prompt gets n samples (best_of: that many drawn, the n with the highest
+        cumulative logprob kept); they share the prompt's KV blocks through the prefix cache.
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
-        requests: list[Request] = []
+        groups: list[list[Request]] = []
         try:
             for p in prompts:
-                requests.append(self._submit(p, params))
+                groups.append(self._submit(p, params))
         except BaseException:
-            for r in requests:  # a bad prompt rejects the whole call; nothing stays queued
+            for r in (r for g in groups for r in g):  # a bad prompt rejects the whole call
                 self.engine.abort(r)
             raise
         while self.engine.has_unfinished():
             self.engine.step()
-        return [self._output(r) for r in requests]
+        return [self._output(g) for g in groups]
 
     def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None):
         """Apply the chat template and generate; one conversation in, one RequestOutput out."""
@@ -95,7 +102,10 @@ class LLM:
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion's text as it is generated. Closing the iterator aborts the request."""
-        req = self._submit(prompt, params or SamplingParams())
+        params = params or SamplingParams()
+        if params.n > 1 or (params.best_of or 1) > 1:
+            raise FalconetError("stream() returns one sample: use n=1 and no best_of")
+        (req,) = self._submit(prompt, params)
         try:
             while not req.finished:
                 for out in self.engine.step():
@@ -105,13 +115,39 @@ class LLM:
             if not req.finished:
                 self.engine.abort(req)
 
-    def _submit(self, prompt: str | list[int], params: SamplingParams) -> Request:
-        if isinstance(prompt, str):
-            return self.engine.add_request(self.tokenizer.encode(prompt), params, prompt=prompt)
-        return self.engine.add_request(list(prompt), params)
+    def _submit(self, prompt: str | list[int], params: SamplingParams) -> list[Request]:
+        """Queue the samples of one prompt (best_of of them, default n)."""
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        count = params.best_of or params.n
+        # Each sample needs its own random stream; a seeded request stays reproducible.
+        seeds = [None if params.seed is None else params.seed + i for i in range(count)]
+        reqs: list[Request] = []
+        try:
+            for seed in seeds:
+                reqs.append(self.engine.add_request(ids, params, prompt=text, seed=seed))
+        except BaseException:
+            for r in reqs:
+                self.engine.abort(r)
+            raise
+        return reqs
 
     @staticmethod
-    def _output(req: Request) -> RequestOutput:
-        text = req.detokenizer.text if req.detokenizer is not None else ""
-        completion = CompletionOutput(0, text, list(req.output_ids), req.finish_reason)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, [completion])
+    def _output(group: list[Request]) -> RequestOutput:
+        n = group[0].params.n
+        if len(group) > n:
+            group = sorted(group, key=lambda r: r.cumulative_logprob, reverse=True)[:n]
+        completions = [
+            CompletionOutput(
+                index=i,
+                text=r.output_text,
+                token_ids=list(r.output_ids),
+                finish_reason=r.finish_reason,
+                stop_reason=r.stop_reason,
+                cumulative_logprob=r.cumulative_logprob if r.params.logprobs is not None else None,
+                logprobs=[lp.as_dict() for lp in r.logprobs] if r.params.logprobs is not None else None,
+            )
+            for i, r in enumerate(group)
+        ]
+        first = group[0]
+        return RequestOutput(first.request_id, first.prompt, first.prompt_ids, completions)

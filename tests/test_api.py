@@ -85,3 +85,53 @@ def test_prompt_longer_than_context_is_rejected(llm):
         llm.generate([1] * 2000, SamplingParams(max_tokens=4))
     # the engine is still usable afterwards
     assert llm.generate("Hi", SamplingParams(max_tokens=2, temperature=0))[0].token_ids
+
+
+def test_stop_string_cuts_output(llm):
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    full = llm.generate("The capital of France is", greedy)[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = full[: full.index(stop)]
+    out = llm.generate("The capital of France is", SamplingParams(**{**greedy.__dict__, "stop": [stop]}))[0]
+    assert (out.text, out.finish_reason, out.outputs[0].stop_reason) == (cut, "stop", stop)
+    kept = SamplingParams(**{**greedy.__dict__, "stop": [stop], "include_stop_str_in_output": True})
+    assert llm.generate("The capital of France is", kept)[0].text == cut + stop
+    streamed = "".join(
+        llm.stream("The capital of France is", SamplingParams(**{**greedy.__dict__, "stop": [stop]}))
+    )
+    assert streamed == cut
+
+
+def test_n_samples_and_best_of(llm):
+    p = SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=3)
+    out = llm.generate("Tell me a story.", p)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    single = llm.generate("Tell me a story.", SamplingParams(max_tokens=8, temperature=1.0, seed=3))[0]
+    assert out.outputs[0].token_ids == single.token_ids
+    best = llm.generate("Tell me a story.", SamplingParams(max_tokens=8, seed=3, best_of=4, logprobs=2))[0]
+    assert len(best.outputs) == 1
+    all_four = llm.generate("Tell me a story.", SamplingParams(max_tokens=8, seed=3, n=4, logprobs=2))[0]
+    assert best.outputs[0].cumulative_logprob == max(c.cumulative_logprob for c in all_four.outputs)
+    lps = best.outputs[0].logprobs
+    assert len(lps) == len(best.outputs[0].token_ids)
+    assert all(tok in d and len(d) <= 3 for tok, d in zip(best.outputs[0].token_ids, lps, strict=True))
+
+
+def test_logit_bias_forces_token(llm):
+    token = llm.tokenizer.encode(" falcon", add_special_tokens=False)[0]
+    p = SamplingParams(max_tokens=4, temperature=0, logit_bias={token: 100.0})
+    assert llm.generate("Hello", p)[0].token_ids == [token] * 4
+    with pytest.raises(FalconetError, match="logit_bias"):
+        llm.generate("Hello", SamplingParams(logit_bias={10**6: 1.0}))
+
+
+def test_repetition_penalty_matches_transformers(llm, hf_model):
+    ids = llm.tokenizer.encode("List the numbers: one, two, one, two,")
+    ours = llm.generate(
+        ids, SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.3, ignore_eos=True)
+    )
+    ref = hf_model.generate(
+        torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False, repetition_penalty=1.3
+    )
+    assert ours[0].token_ids == ref[0, len(ids) :].tolist()

@@ -14,8 +14,9 @@ import torch
 from falconet.engine.block_manager import BlockManager
 from falconet.engine.detokenizer import IncrementalDetokenizer
 from falconet.engine.request import Request, RequestStatus
-from falconet.engine.sampler import make_generator, sample
+from falconet.engine.sampler import TokenLogprobs, make_generator, sample_batch
 from falconet.engine.scheduler import ScheduledBatch, Scheduler
+from falconet.engine.stop import StopChecker
 from falconet.errors import FalconetError
 from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import LoadedModel
@@ -80,8 +81,14 @@ class LLMEngine:
         self.stats = EngineStats()
 
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        seed: int | None = None,
     ) -> Request:
+        """Queue one sequence. `seed` overrides params.seed (n > 1 gives each sample its own)."""
+        seed = params.seed if seed is None else seed
         if not prompt_ids:
             raise FalconetError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -98,8 +105,18 @@ class LLMEngine:
                 f"the request needs up to {longest} tokens of KV cache; the cache holds "
                 f"{self.block_manager.num_blocks * self.block_manager.block_size} (raise kv_cache_memory_gb)"
             )
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        req = Request(list(prompt_ids), params, make_generator(params.seed), detok, prompt=prompt)
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise FalconetError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.prompt_logprobs is not None:
+            raise FalconetError("prompt_logprobs is not supported yet")
+        if params.stop and self.tokenizer is None:
+            raise FalconetError("stop strings need a tokenizer")
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        req = Request(list(prompt_ids), params, make_generator(seed), detok, prompt=prompt)
+        if params.stop:
+            req.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
         self.scheduler.add(req)
         return req
 
@@ -122,10 +139,20 @@ class LLMEngine:
         logits, sampling = self._run_model(batch)
         outputs = []
         if sampling:
-            tokens = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
-            for req, token in zip(sampling, tokens, strict=True):
+            result = sample_batch(logits, sampling)
+            for i, (req, token) in enumerate(zip(sampling, result.token_ids, strict=True)):
+                self._record_logprob(req, logits[i], token, result.logprobs[i])
                 outputs.append(self._append_token(req, token))
         return outputs
+
+    @staticmethod
+    def _record_logprob(req: Request, row: torch.Tensor, token: int, info: TokenLogprobs | None) -> None:
+        if info is not None:
+            req.logprobs.append(info)
+            req.cumulative_logprob += info.logprob
+        elif req.params.best_of is not None and req.params.best_of > req.params.n:
+            # best_of ranks samples by cumulative logprob, asked for or not
+            req.cumulative_logprob += float(torch.log_softmax(row, -1)[token])
 
     def _run_model(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Request]]:
         """One forward over the batch; logits for the requests that complete this step."""
@@ -154,15 +181,23 @@ class LLMEngine:
         self.stats.num_generated_tokens += 1
         delta = req.detokenizer.add(token) if req.detokenizer is not None else ""
         reason = self._stop_reason(req, token)
+        if reason is not None and req.detokenizer is not None:
+            delta += req.detokenizer.flush()
+        if req.stop_checker is not None:
+            delta, hit = req.stop_checker.check(delta)
+            if hit:
+                reason, req.stop_reason = "stop", req.stop_checker.matched
+            elif reason is not None:
+                delta += req.stop_checker.flush()
+        req.output_text += delta
         if reason is not None:
             self._finish(req, reason)
-            if req.detokenizer is not None:
-                delta += req.detokenizer.flush()
         return StepOutput(req, token, delta)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            req.stop_reason = token if token in p.stop_token_ids else None
             return "stop"
         if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"

@@ -32,7 +32,12 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_table: list[int] = field(default_factory=list)  # KV cache blocks, in position order
     num_computed: int = 0  # tokens whose keys and values are in the KV cache
-    finish_reason: str | None = None  # "stop" (EOS or a stop token), "length", "abort"
+    finish_reason: str | None = None  # "stop" (EOS, a stop token or string), "length", "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    output_text: str = ""  # text emitted so far (stop strings already cut)
+    stop_checker: object | None = None  # StopChecker when the request has stop strings
+    logprobs: list = field(default_factory=list)  # TokenLogprobs per output token, if asked
+    cumulative_logprob: float = 0.0  # sum of the chosen tokens' logprobs (raw model distribution)
 
     @property
     def all_ids(self) -> list[int]:
