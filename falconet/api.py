@@ -35,6 +35,7 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with prompt_logprobs requested
 
     @property
     def text(self) -> str:
@@ -150,4 +151,7 @@ class LLM:
             for i, r in enumerate(group)
         ]
         first = group[0]
-        return RequestOutput(first.request_id, first.prompt, first.prompt_ids, completions)
+        prompt_lps = None
+        if first.params.prompt_logprobs is not None:
+            prompt_lps = [lp.as_dict() if lp is not None else None for lp in first.prompt_logprobs]
+        return RequestOutput(first.request_id, first.prompt, first.prompt_ids, completions, prompt_lps)

@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     from falconet.bench.throughput import add_throughput_parser
 
     add_throughput_parser(bench)
+    from falconet.bench.scheduling import add_scheduling_parsers
+
+    add_scheduling_parsers(bench)
     return parser
 
 

@@ -14,7 +14,7 @@ import torch
 from falconet.engine.block_manager import BlockManager
 from falconet.engine.detokenizer import IncrementalDetokenizer
 from falconet.engine.request import Request, RequestStatus
-from falconet.engine.sampler import TokenLogprobs, make_generator, sample_batch
+from falconet.engine.sampler import TokenLogprobs, make_generator, sample_batch, token_logprobs
 from falconet.engine.scheduler import ScheduledBatch, Scheduler
 from falconet.engine.stop import StopChecker
 from falconet.errors import FalconetError
@@ -107,8 +107,6 @@ class LLMEngine:
             )
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise FalconetError(f"logit_bias token ids must be in [0, {vocab})")
-        if params.prompt_logprobs is not None:
-            raise FalconetError("prompt_logprobs is not supported yet")
         if params.stop and self.tokenizer is None:
             raise FalconetError("stop strings need a tokenizer")
         detok = None
@@ -167,7 +165,11 @@ class LLMEngine:
                 sampling.append(req)
         self.kv_cache.begin_step(segments)
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_cache)
+        row = 0
         for req, n in zip(batch.requests, batch.num_tokens, strict=True):
+            if req.params.prompt_logprobs is not None:
+                self._record_prompt_logprobs(req, hidden[row : row + n])
+            row += n
             req.num_computed += n
             self.block_manager.cache_full_blocks(req.block_table, req.all_ids, req.num_computed)
         self.stats.num_steps += 1
@@ -175,6 +177,18 @@ class LLMEngine:
         if not sampling:
             return None, []
         return self.model.compute_logits(hidden[torch.tensor(last_rows)]), sampling
+
+    def _record_prompt_logprobs(self, req: Request, hidden: torch.Tensor) -> None:
+        """Row i of this chunk predicts token start + i + 1: keep those that are prompt tokens
+        not recorded yet (a preempted request recomputes its prompt)."""
+        start, prompt = req.num_computed, req.prompt_ids
+        first, last = max(start, len(req.prompt_logprobs) - 1), min(start + len(hidden), len(prompt) - 1)
+        if first >= last:
+            return
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[first - start : last - start]), dim=-1)
+        targets = prompt[first + 1 : last + 1]
+        ks = [req.params.prompt_logprobs] * len(targets)
+        req.prompt_logprobs.extend(token_logprobs(logprobs, targets, ks))
 
     def _append_token(self, req: Request, token: int) -> StepOutput:
         req.output_ids.append(token)

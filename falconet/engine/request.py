@@ -37,6 +37,7 @@ class Request:
     output_text: str = ""  # text emitted so far (stop strings already cut)
     stop_checker: object | None = None  # StopChecker when the request has stop strings
     logprobs: list = field(default_factory=list)  # TokenLogprobs per output token, if asked
+    prompt_logprobs: list = field(default_factory=lambda: [None])  # entry i: prompt token i's
     cumulative_logprob: float = 0.0  # sum of the chosen tokens' logprobs (raw model distribution)
 
     @property

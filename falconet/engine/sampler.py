@@ -287,13 +287,13 @@ def _gather_logprobs(
     rows, logprobs = raw
     out: list[TokenLogprobs | None] = [None] * len(params)
     if logprobs is not None:
-        found = _token_logprobs(logprobs, [token_ids[i] for i in rows], [params[i].logprobs for i in rows])
+        found = token_logprobs(logprobs, [token_ids[i] for i in rows], [params[i].logprobs for i in rows])
         for i, info in zip(rows, found, strict=True):
             out[i] = info
     return out
 
 
-def _token_logprobs(logprobs: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[TokenLogprobs]:
+def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[TokenLogprobs]:
     """logprobs: [R, V]; for row r, token_ids[r]'s logprob and rank and the top ks[r] tokens."""
     ids = torch.tensor(token_ids, device=logprobs.device)
     chosen = logprobs.gather(-1, ids[:, None])
@@ -332,5 +332,5 @@ def prompt_logprobs(
         end = min(start + chunk, n - 1)
         block = torch.log_softmax(logits[start:end].float(), dim=-1)
         targets = [int(t) for t in prompt_ids[start + 1 : end + 1]]
-        out.extend(_token_logprobs(block, targets, [k] * len(targets)))
+        out.extend(token_logprobs(block, targets, [k] * len(targets)))
     return out

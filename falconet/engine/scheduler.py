@@ -79,7 +79,8 @@ class Scheduler:
         # New requests only when nothing had to be preempted: memory is tight otherwise.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
-            if not req.block_table:
+            # Prompt logprobs need every prompt position computed, so no prefix-cache reuse.
+            if not req.block_table and req.params.prompt_logprobs is None:
                 req.block_table, req.num_computed = self.block_manager.match_prefix(req.all_ids)
             n = self._grant(req, budget)
             if n == 0 or not self.block_manager.can_grow(req.block_table, req.num_computed + n):

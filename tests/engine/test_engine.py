@@ -164,3 +164,21 @@ def test_chunked_and_packed_prefill_logits_equal_whole_prompt(tiny):
         packed = model.compute_logits(model(prompt, positions, cache))
         alone = torch.cat([_prefill_logits(model, [len(p)], p) for p in parts])
         torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [9, 2048])
+def test_prompt_logprobs_match_full_forward(tiny, budget):
+    """Prompt logprobs, whole or computed chunk by chunk, equal log_softmax of one full forward."""
+    prompt = make_prompts(1, seed=9, lo=40, hi=40)[0]
+    engine = LLMEngine(tiny, EngineConfig(max_num_batched_tokens=budget))
+    req = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=3))
+    while engine.has_unfinished():
+        engine.step()
+    with torch.no_grad():
+        ref = torch.log_softmax(_prefill_logits(tiny.model, [len(prompt)], torch.tensor(prompt)), dim=-1)
+    lps = req.prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None
+    for i in range(1, len(prompt)):
+        assert lps[i].token_id == prompt[i]
+        assert lps[i].logprob == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-5)
+        assert list(lps[i].top) == ref[i - 1].topk(3).indices.tolist()
