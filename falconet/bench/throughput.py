@@ -291,12 +291,14 @@ def run_throughput(
     max_model_len: int | None = None,
     baseline: str | None = None,
     hf_batch_size: int | None = None,
+    hf_dtype: str | None = None,
 ) -> ThroughputResult:
     """Time our engine (and with baseline="hf", transformers' batched generate) on the same requests.
 
     `num_prompts`: default 64 random prompts; with a `dataset`, its first N entries (default: all).
     The engine options max_num_batched_tokens / enable_chunked_prefill / enable_prefix_caching are
     passed to LLM only when not None. `max_model_len` defaults to the longest prompt + output.
+    `hf_dtype`: the baseline's dtype (default: `dtype`).
     """
     from falconet.models.catalog import resolve
     from falconet.models.loader import parse_dtype
@@ -304,7 +306,6 @@ def run_throughput(
     _validate(
         num_prompts, input_len_min, input_len_max, output_len, max_num_seqs, hf_batch_size, threads, baseline
     )
-    torch_dtype = parse_dtype(dtype)
     if threads:
         torch.set_num_threads(threads)
     requests = read_dataset(dataset, output_len) if dataset is not None else None
@@ -378,7 +379,8 @@ def run_throughput(
     if baseline == "hf":
         batch_size = hf_batch_size or max_num_seqs
         t = time.perf_counter()
-        hf_model = _load_hf(path, torch_dtype)
+        hf_dtype = hf_dtype or dtype
+        hf_model = _load_hf(path, parse_dtype(hf_dtype))
         load_s = time.perf_counter() - t
         pad_id = _hf_pad_id(hf_model)
         _run_hf(hf_model, warmup, warmup_out, 2, pad_id)
@@ -387,7 +389,7 @@ def run_throughput(
         elapsed = time.perf_counter() - t
         pad = _padding_tokens(input_lens, batch_size)
         note = (
-            f"batch {batch_size}, original order, left-padded: {pad} pad tokens "
+            f"{hf_dtype}, batch {batch_size}, original order, left-padded: {pad} pad tokens "
             f"({100 * pad / (pad + sum(input_lens)):.0f}% of prompt positions)"
         )
         hf = EngineRun("hf generate", len(prompts), sum(input_lens), sum(counts), elapsed, load_s, note)
@@ -457,6 +459,7 @@ def cmd_bench_throughput(args) -> int:
         max_model_len=args.max_model_len,
         baseline=args.baseline,
         hf_batch_size=args.hf_batch_size,
+        hf_dtype=args.hf_dtype,
     )
     print(format_table(result))
     return 0
@@ -490,6 +493,9 @@ def add_throughput_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["hf"], default=None, help="also time transformers' generate")
     p.add_argument(
         "--hf-batch-size", type=int, default=None, help="baseline batch size (default: --max-num-seqs)"
+    )
+    p.add_argument(
+        "--hf-dtype", default=None, choices=["float32", "bfloat16"], help="baseline dtype (default: --dtype)"
     )
     p.set_defaults(func=cmd_bench_throughput)
     return p

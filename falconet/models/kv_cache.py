@@ -10,8 +10,10 @@ of segment get three attention paths:
 - fresh prompts (nothing cached before this step) are packed into the one flattened sequence
   with positions restarted per prompt, as in Prepacking (Zhao et al., 2024), so no prefill is
   padded. Prepacking's block-diagonal mask is applied as one causal attention per prompt over
-  its own fresh keys: the same result without computing the masked-out blocks;
-- single-token decodes are batched into one call over their gathered contexts;
+  its own fresh keys: the same result without computing the masked-out blocks. In bfloat16 on
+  CPUs with AVX512-BF16 one C++ flash-attention call covers all of a step's fresh prompts;
+- single-token decodes are batched into one call: the C++ kernel reads each sequence's keys
+  and values in place through its block table (the PyTorch fallback gathers them first);
 - continuations (a prefill chunk after cached tokens, SARATHI's chunked prefill) attend to
   their gathered context with a causal mask offset by what is cached.
 
@@ -21,12 +23,15 @@ outermost and each head's keys contiguous, ready for batched matmuls without ano
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from falconet.config import ModelConfig
+from falconet.kernels import cpu_kernels
 
 
 @dataclass(frozen=True)
@@ -45,9 +50,17 @@ class PagedKVCache:
         self.sliding_window = config.sliding_window
         # Slots are never read before they are written, so `empty`: untouched pages cost nothing.
         shape = (config.num_layers, config.num_kv_heads, num_blocks * block_size, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k = _empty(shape, dtype, device)
+        self.v = _empty(shape, dtype, device)
         self.device = device
+        self._kernels = cpu_kernels() if torch.device(device).type == "cpu" else None
+        # All fresh prompts of a step in one C++ call (bf16 on CPUs with AVX512-BF16).
+        self._packed_prefill = (
+            self._kernels is not None
+            and dtype == torch.bfloat16
+            and self._kernels.has_bf16_prefill_attention()
+            and self.head_dim in (64, 128)
+        )
         self._plan: list[tuple] = []
         self._slot_mapping = torch.empty(0, dtype=torch.long)
 
@@ -79,10 +92,12 @@ class PagedKVCache:
 
     def begin_step(self, segments: list[Segment]) -> None:
         """Plan the attention of the next forward over `segments`, flattened in this order."""
-        slot_maps, plan, decodes, offset = [], [], [], 0
+        slot_maps, plan, decodes, fresh, offset = [], [], [], [], 0
         for s in segments:
             slot_maps.append(self._slots(s.block_table, s.start, s.start + s.length))
-            if s.start == 0:
+            if s.start == 0 and self._packed_prefill:
+                fresh.append((offset, s.length))
+            elif s.start == 0:
                 plan.append(("fresh", offset, offset + s.length, self._mask(0, s.length)))
             elif s.length == 1:
                 decodes.append((offset, s))
@@ -90,15 +105,24 @@ class PagedKVCache:
                 ctx = self._slots(s.block_table, 0, s.start + s.length)
                 plan.append(("context", offset, offset + s.length, ctx, self._mask(s.start, s.length)))
             offset += s.length
+        if fresh:
+            starts, lengths = zip(*fresh, strict=True)
+            plan.append(("packed", torch.tensor(starts), torch.tensor(lengths)))
         if decodes:
             plan.append(self._decode_plan(decodes))
         self._plan = plan
         self._slot_mapping = torch.cat(slot_maps) if slot_maps else torch.empty(0, dtype=torch.long)
 
     def _decode_plan(self, decodes: list[tuple[int, Segment]]) -> tuple:
-        """One attention call for all single-token decodes: contexts gathered and right-padded."""
+        """One attention call for all single-token decodes."""
         rows = torch.tensor([off for off, _ in decodes])
         totals = [s.start + 1 for _, s in decodes]
+        if self._kernels is not None:
+            # The C++ kernel reads K/V in place through the block tables.
+            width = max(len(s.block_table) for _, s in decodes)
+            tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for _, s in decodes])
+            return ("paged", rows, tables, torch.tensor(totals))
+        # PyTorch path: contexts gathered and right-padded.
         width = max(totals)
         index = torch.zeros(len(decodes), width, dtype=torch.long)
         for i, (_, s) in enumerate(decodes):
@@ -124,10 +148,42 @@ class PagedKVCache:
             elif kind == "context":
                 start, end, ctx, mask = args
                 out[start:end] = _attention(q[start:end], k_cache[:, ctx], v_cache[:, ctx], mask)
+            elif kind == "packed":
+                starts, lengths = args
+                window = self.sliding_window or 0
+                self._kernels.prefill_attention_bf16(
+                    q, k, v, out, starts, lengths, window, self.head_dim**-0.5
+                )
+            elif kind == "paged":
+                rows, tables, lengths = args
+                window = self.sliding_window or 0
+                scale = self.head_dim**-0.5
+                out[rows] = self._kernels.paged_attention(
+                    q[rows], k_cache, v_cache, tables, lengths, self.block_size, window, scale
+                )
             else:
                 rows, index, mask = args
                 out[rows] = _decode_attention(q[rows], k_cache[:, index], v_cache[:, index], mask)
         return out
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised cache tensor; on CPU in transparent huge pages where the OS allows.
+
+    Decode attention reads a few KB from each block of each sequence, all over the cache: with
+    4 KB pages nearly every block costs a TLB miss and a page walk, which made the decode kernel
+    run at a fraction of the memory bandwidth. 2 MB pages remove most of those walks.
+    """
+    if torch.device(device).type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype, device=device)
+    size = math.prod(shape) * dtype.itemsize
+    buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass  # huge pages switched off: ordinary pages work, just slower
+    # The tensor keeps the mapping alive (frombuffer holds a reference to it).
+    return torch.frombuffer(buf, dtype=torch.uint8, count=size).view(dtype).view(shape)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -182,3 +182,29 @@ def test_prompt_logprobs_match_full_forward(tiny, budget):
         assert lps[i].token_id == prompt[i]
         assert lps[i].logprob == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-5)
         assert list(lps[i].top) == ref[i - 1].topk(3).indices.tolist()
+
+
+def test_decode_logits_equal_with_and_without_the_cpp_kernel(tiny):
+    """Single-token decodes take the C++ paged kernel when it is built, else the PyTorch path;
+    both must give the whole-prompt logits (float32, tolerance 1e-5)."""
+    model = tiny.model
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 97, (30,))
+    with torch.no_grad():
+        whole = _prefill_logits(model, [30], prompt)
+        for use_kernel in (True, False):
+            cache = PagedKVCache(model.config, 64, 4, torch.float32)
+            if not use_kernel:
+                cache._kernels = None
+            elif cache._kernels is None:
+                continue  # no compiler here: only the PyTorch path exists
+            table = list(range(40))[::-1]  # blocks out of order
+            cache.begin_step([Segment(table, 0, 20)])
+            model(prompt[:20], torch.arange(20), cache)
+            rows = []
+            for pos in range(20, 30):  # one token at a time, next to an unrelated short sequence
+                cache.begin_step([Segment([50], 0, 3), Segment(table, pos, 1)])
+                ids = torch.cat([prompt[:3], prompt[pos : pos + 1]])
+                h = model(ids, torch.tensor([0, 1, 2, pos]), cache)
+                rows.append(model.compute_logits(h[3:]))
+            torch.testing.assert_close(torch.cat(rows), whole[20:], atol=1e-5, rtol=0)
