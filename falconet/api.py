@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from falconet.engine.engine import EngineConfig, LLMEngine
+from falconet.engine.group import returned_samples, submit_group
 from falconet.engine.request import Request
 from falconet.errors import FalconetError
 from falconet.models.loader import load_model
@@ -120,24 +121,11 @@ class LLM:
         """Queue the samples of one prompt (best_of of them, default n)."""
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        count = params.best_of or params.n
-        # Each sample needs its own random stream; a seeded request stays reproducible.
-        seeds = [None if params.seed is None else params.seed + i for i in range(count)]
-        reqs: list[Request] = []
-        try:
-            for seed in seeds:
-                reqs.append(self.engine.add_request(ids, params, prompt=text, seed=seed))
-        except BaseException:
-            for r in reqs:
-                self.engine.abort(r)
-            raise
-        return reqs
+        return submit_group(self.engine, ids, params, prompt=text)
 
     @staticmethod
     def _output(group: list[Request]) -> RequestOutput:
-        n = group[0].params.n
-        if len(group) > n:
-            group = sorted(group, key=lambda r: r.cumulative_logprob, reverse=True)[:n]
+        group = returned_samples(group)
         completions = [
             CompletionOutput(
                 index=i,

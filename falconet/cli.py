@@ -1,4 +1,4 @@
-"""The `falconet` command line: pull, models, generate, chat, bench."""
+"""The `falconet` command line: pull, models, generate, chat, serve, bench."""
 
 from __future__ import annotations
 
@@ -121,6 +121,39 @@ def cmd_chat(args) -> int:
             print(f"error: {e} (use /reset to start over)", file=sys.stderr)
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from falconet.models.catalog import DEFAULT_MODEL
+    from falconet.serve.server import bind, build_engine, serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = dict(
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+    )
+    with bind(args.host, args.port) as sock:  # before loading the model: a taken port fails fast
+        engine = build_engine(
+            args.model, dtype=args.dtype, max_queue=args.max_queue, **{k: v for k, v in options.items() if v}
+        )
+        serve(
+            engine,
+            model_name=args.served_model_name or args.model or DEFAULT_MODEL,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or os.environ.get("FALCONET_API_KEY") or None,
+            shutdown_timeout=args.shutdown_timeout,
+            log_level=args.log_level,
+            sock=sock,
+        )
+    return 0
+
+
 def cmd_bench_latency(args) -> int:
     import torch
 
@@ -158,6 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this bearer key (default: $FALCONET_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None, help="paged KV cache size (default 1.0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=5.0, help="seconds in-flight requests get on SIGINT/SIGTERM"
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
     p = bench.add_parser("latency", help="batch-1 prefill and decode tokens/s")
@@ -174,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     from falconet.bench.scheduling import add_scheduling_parsers
 
     add_scheduling_parsers(bench)
+    from falconet.bench.serve import add_serve_bench_parser
+
+    add_serve_bench_parser(bench)
     return parser
 
 

@@ -47,12 +47,13 @@ class SamplingParams:
             raise FalconetError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise FalconetError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise FalconetError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k < 2**31:
+            raise FalconetError(f"top_k must be -1, 0 (disabled) or a positive int32, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             raise FalconetError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise FalconetError(f"seed must be an integer or None, got {self.seed!r}")
+        # torch generators take seeds in [-2**63, 2**64); n > 1 adds the sample index.
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
+            raise FalconetError(f"seed must be None or an integer in [-2**63, 2**63), got {self.seed!r}")
         self._check_counts()
         self._check_penalties()
         self._normalise_logit_bias()
@@ -69,8 +70,9 @@ class SamplingParams:
                 raise FalconetError(f"{name} must be None or an integer >= 0, got {value!r}")
 
     def _check_penalties(self) -> None:
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise FalconetError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # Bounded so that dividing or multiplying a logit by it cannot overflow float32.
+        if not 0.01 <= self.repetition_penalty <= 100:
+            raise FalconetError(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2 <= value <= 2:
@@ -87,8 +89,11 @@ class SamplingParams:
                 token_id = int(token)
             except (TypeError, ValueError):
                 raise FalconetError(f"logit_bias keys must be token ids, got {token!r}") from None
-            if token_id < 0 or not math.isfinite(value):
-                raise FalconetError(f"logit_bias needs ids >= 0 and finite values, got {token!r}: {value!r}")
+            # OpenAI's range: enough to ban or force a token, too small to overflow a logit.
+            if token_id < 0 or not -100 <= value <= 100:
+                raise FalconetError(
+                    f"logit_bias needs ids >= 0 and values in [-100, 100], got {token!r}: {value!r}"
+                )
             bias[token_id] = float(value)
         self.logit_bias = bias
 

@@ -407,3 +407,24 @@ def test_params_are_normalised():
     assert p.stop == ["###"] and p.logit_bias == {5: 2.0}
     assert SamplingParams().stop == [] and SamplingParams().logit_bias is None
     assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=0.01).greedy
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(logit_bias={5: 1e308}), "logit_bias"),  # would overflow a float32 logit to inf
+        (dict(logit_bias={5: float("nan")}), "logit_bias"),
+        (dict(repetition_penalty=1e-300), "repetition_penalty"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(top_k=2**63), "top_k"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=1.5), "seed"),
+    ],
+)
+def test_values_that_would_break_the_batch_are_refused(kwargs, match):
+    """Out-of-range values must fail at submission with a clear message, not as NaN or an
+    overflow deep in a batched step that also carries other requests."""
+    from falconet.sampling_params import SamplingParams
+
+    with pytest.raises(FalconetError, match=match):
+        SamplingParams(**kwargs)

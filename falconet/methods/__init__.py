@@ -1,0 +1,1 @@
+"""Pluggable methods (speculative decoding, decoding strategies), found by name in registries."""
