@@ -19,6 +19,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
@@ -36,26 +38,6 @@ inline void narrow(const float* src, float* dst, int64_t n) { std::memcpy(dst, s
 
 inline void narrow(const float* src, at::BFloat16* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);  // round to nearest even
-}
-
-// exp(x) for x <= 0 (scores minus their max): Cody-Waite range reduction and a degree-6
-// polynomial, about 2 ulp; written so the compiler vectorises it (std::exp does not here).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float log2e = 1.44269504088896341f;
-  float n = std::nearbyint(x * log2e);
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.3981999507e-03f;
-  p = p * r + 8.3334519073e-03f;
-  p = p * r + 4.1665795894e-02f;
-  p = p * r + 1.6666665459e-01f;
-  p = p * r + 5.0000001201e-01f;
-  p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(float));
-  return p * scale;
 }
 
 template <int64_t DIM>
@@ -111,7 +93,7 @@ void attend_rows(const T* q, const T* k_cache, const T* v_cache, T* out, const i
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < n; ++i) {
-          sg[i] = exp_nonpositive(sg[i] - m);
+          sg[i] = falconet::exp_nonpositive(sg[i] - m);
           sum += sg[i];
         }
         total[g] = sum;

@@ -21,6 +21,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec_math.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -107,23 +109,6 @@ inline void prefetch_tile(const uint16_t* tile, int64_t dim) {
   for (int64_t off = 0; off < kKeys * dim * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
-inline float exp_or_zero(float x) {  // exp(x) for x <= 0; 0 for masked (-inf) scores
-  const float y = std::max(x, -87.0f);
-  const float n = std::nearbyint(y * 1.44269504088896341f);
-  float r = y - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.3981999507e-03f;
-  p = p * r + 8.3334519073e-03f;
-  p = p * r + 4.1665795894e-02f;
-  p = p * r + 1.6666665459e-01f;
-  p = p * r + 5.0000001201e-01f;
-  p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(float));
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
 }  // namespace
 
 bool paged_attention_bf16_supported(int64_t dim, int64_t block_size, int64_t group) {
@@ -195,7 +180,7 @@ void paged_attention_bf16(const uint16_t* q, const uint16_t* k_cache, const uint
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < n; ++i) {
-          sg[i] = exp_or_zero(sg[i] - m);
+          sg[i] = falconet::exp_nonpositive(sg[i] - m);
           sum += sg[i];
         }
         total[g] = sum;

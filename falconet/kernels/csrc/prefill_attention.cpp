@@ -23,6 +23,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec_math.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define FALCONET_HAS_BF16_ATTENTION 1
@@ -40,23 +42,6 @@ bool has_bf16_prefill_attention() {
 namespace {
 
 constexpr int64_t kTile = 32;  // queries and keys per tile
-
-inline float exp_or_zero(float x) {  // exp(x) for x <= 0, 0 below -87 (masked scores are -inf)
-  const float y = std::max(x, -87.0f);
-  const float n = std::nearbyint(y * 1.44269504088896341f);
-  float r = y - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.3981999507e-03f;
-  p = p * r + 8.3334519073e-03f;
-  p = p * r + 4.1665795894e-02f;
-  p = p * r + 1.6666665459e-01f;
-  p = p * r + 5.0000001201e-01f;
-  p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(float));
-  return x < -87.0f ? 0.0f : p * scale;
-}
 
 struct Strides {
   int64_t row, head;  // in elements; the last dimension is contiguous
@@ -180,11 +165,11 @@ void prefill_impl(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, ui
               std::memset(pairs.data() + r * (kTile / 2), 0, kTile / 2 * sizeof(uint32_t));
               continue;
             }
-            alpha[r] = exp_or_zero(m[r] - m_new);
+            alpha[r] = falconet::exp_nonpositive(m[r] - m_new);
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (int64_t j = 0; j < kTile; ++j) {
-              srow[j] = exp_or_zero(srow[j] - m_new);
+              srow[j] = falconet::exp_nonpositive(srow[j] - m_new);
               sum += srow[j];
             }
             l[r] = l[r] * alpha[r] + sum;
