@@ -314,8 +314,19 @@ def run_serve_bench(
     labels += [""] * (len(base_urls) - len(labels))
     return [
         asyncio.run(
-            _run(url, requests, model, endpoint, request_rate, max_concurrency, ignore_eos, api_key, seed,
-                 timeout_s, label)
+            _run(
+                url,
+                requests,
+                model,
+                endpoint,
+                request_rate,
+                max_concurrency,
+                ignore_eos,
+                api_key,
+                seed,
+                timeout_s,
+                label,
+            )
         )  # fmt: skip
         for url, label in zip(base_urls, labels, strict=True)
     ]

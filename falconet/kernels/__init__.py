@@ -15,7 +15,14 @@ from pathlib import Path
 
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("bindings.cpp", "paged_attention.cpp", "paged_attention_bf16.cpp", "prefill_attention.cpp")
+    for name in (
+        "bindings.cpp",
+        "paged_attention.cpp",
+        "paged_attention_bf16.cpp",
+        "prefill_attention.cpp",
+        "linear_bf16.cpp",
+        "fused_ops.cpp",
+    )
 ]
 _NAME = "falconet_cpu_kernels"
 

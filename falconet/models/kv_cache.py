@@ -137,8 +137,11 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v of the new tokens and attend. q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
         k_cache, v_cache = self.k[layer], self.v[layer]  # [Hkv, slots, D]
-        k_cache.index_copy_(1, self._slot_mapping, k.transpose(0, 1))
-        v_cache.index_copy_(1, self._slot_mapping, v.transpose(0, 1))
+        if self._kernels is not None:
+            self._kernels.store_kv(k, v, k_cache, v_cache, self._slot_mapping)
+        else:
+            k_cache.index_copy_(1, self._slot_mapping, k.transpose(0, 1))
+            v_cache.index_copy_(1, self._slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         for kind, *args in self._plan:
             if kind == "fresh":

@@ -14,7 +14,16 @@ from torch import nn
 
 from falconet.config import ModelConfig
 from falconet.errors import FalconetError
+from falconet.kernels import cpu_kernels
+from falconet.models.linear import Linear
 from falconet.models.rope import RotaryEmbedding
+
+
+def _kernels(x: torch.Tensor):
+    """The fused C++ element-wise ops, for float32 and bf16 on CPU (else the PyTorch path)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        return cpu_kernels()
+    return None
 
 
 class RMSNorm(nn.Module):
@@ -23,7 +32,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x); with `residual`, first `residual += x` in place and return norm(residual)."""
+        kernels = _kernels(x)
+        if kernels is not None and x.dim() == 2:
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = residual.add_(x)
         # Normalise in float32 and scale in the model dtype, as the reference does.
         dtype = x.dtype
         x = x.float()
@@ -42,8 +57,8 @@ class Attention(nn.Module):
         )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.rope = rope
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
@@ -51,7 +66,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        q, k = self.rope.rotate(positions, q, k)
         o = kv_cache.attend(self.layer, q, k, v)
         return self.o_proj(o.reshape(-1, self.q_size))
 
@@ -60,11 +75,15 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate, bias=config.mlp_bias)
+        self.down_proj = Linear(self.intermediate, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        kernels = _kernels(x)
+        if kernels is not None:
+            return self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -76,9 +95,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, kv_cache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous sublayer's output (the embeddings for the first layer); residual: the
+        stream it is added to. Each add is fused into the norm that follows it; the sums are the
+        reference's `x = x + sublayer(norm(x))`, rounded the same way."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, positions, kv_cache), residual)
+        return self.mlp(h), residual
 
 
 # Hugging Face parameter name fragment -> (our fused parameter, index of its shard).
@@ -100,16 +129,16 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, rope) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
         """Hidden states [T, hidden] for flattened tokens; call `compute_logits` on the rows needed."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions, kv_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, kv_cache)
+        return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -8,6 +8,7 @@ import torch
 
 from falconet.config import ModelConfig
 from falconet.errors import FalconetError
+from falconet.kernels import cpu_kernels
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -49,6 +50,15 @@ class RotaryEmbedding(torch.nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Rotated q, k: in place by the C++ kernel where available, else new tensors."""
+        cpu = q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+        kernels = cpu_kernels() if cpu and positions.dtype == torch.long else None
+        if kernels is not None:
+            kernels.rope_(q, k, positions, self.cos, self.sin)
+            return q, k
+        return self(positions, q, k)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, H, D], k: [T, Hkv, D], positions: [T] -> rotated q, k."""

@@ -8,10 +8,25 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 bool has_bf16_prefill_attention();
 void prefill_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
                             torch::Tensor starts, torch::Tensor lengths, int64_t window, double scale);
+bool has_bf16_linear();
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t out_features, torch::Tensor bias);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, std::optional<torch::Tensor> residual);
+void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_mul(torch::Tensor gate_up);
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "attention of query rows over paged K/V");
+  // Every kernel lets go of the GIL: a server's event loop keeps running while a step computes.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_attention", &paged_attention, "attention of query rows over paged K/V", nogil);
   m.def("has_bf16_prefill_attention", &has_bf16_prefill_attention,
         "whether prefill_attention_bf16 was built (the CPU has AVX512-BF16)");
-  m.def("prefill_attention_bf16", &prefill_attention_bf16, "causal attention of packed prompts, bf16");
+  m.def("prefill_attention_bf16", &prefill_attention_bf16, "causal attention of packed prompts, bf16", nogil);
+  m.def("has_bf16_linear", &has_bf16_linear, "whether linear_bf16 was built (the CPU has AVX512-BF16)");
+  m.def("linear_bf16", &linear_bf16, "x W^T + b with W packed by pack_linear_weight_bf16", nogil);
+  m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally after residual += x", nogil,
+        py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
+  m.def("rope_", &rope_, "rotate-half RoPE of q and k in place", nogil);
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up] rows", nogil);
+  m.def("store_kv", &store_kv, "write k, v rows into the cache slots", nogil);
 }
