@@ -64,12 +64,19 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], int]:
+    def record_query(self, num_tokens: int, num_cached: int) -> None:
+        """Count one prompt lookup in the hit rate."""
+        self.num_queried_tokens += num_tokens
+        self.num_hit_tokens += num_cached
+
+    def match_prefix(self, token_ids: list[int], record: bool = True) -> tuple[list[int], int]:
         """Longest run of cached full blocks equal to the prefix of token_ids; takes a reference on
         each and returns (block_ids, num_cached_tokens). The last token is never reported cached: the
-        engine must run at least one prompt token to get logits."""
-        self.num_queried_tokens += len(token_ids)
+        engine must run at least one prompt token to get logits. `record=False` leaves the hit
+        rate alone (a caller that may hand the blocks back records the lookup that sticks)."""
         if not self.enable_prefix_caching:
+            if record:
+                self.record_query(len(token_ids), 0)
             return [], 0
         bs = self.block_size
         blocks: list[int] = []
@@ -85,7 +92,8 @@ class BlockManager:
                 del self._evictable[block]  # referenced again: no longer a candidate for eviction
             self._ref[block] += 1
         num_cached = len(blocks) * bs
-        self.num_hit_tokens += num_cached
+        if record:
+            self.record_query(len(token_ids), num_cached)
         return blocks, num_cached
 
     def can_grow(self, block_table: list[int], num_tokens: int) -> bool:

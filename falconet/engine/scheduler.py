@@ -80,8 +80,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
             # Prompt logprobs need every prompt position computed, so no prefix-cache reuse.
-            if not req.block_table and req.params.prompt_logprobs is None:
-                req.block_table, req.num_computed = self.block_manager.match_prefix(req.all_ids)
+            matched = not req.block_table and req.params.prompt_logprobs is None
+            if matched:
+                # Recorded in the hit rate only once admitted: a request that waits for blocks
+                # looks its prefix up again at every step.
+                req.block_table, req.num_computed = self.block_manager.match_prefix(req.all_ids, record=False)
             n = self._grant(req, budget)
             if n == 0 or not self.block_manager.can_grow(req.block_table, req.num_computed + n):
                 # Hand back the prefix blocks it matched: a waiting request must not pin blocks
@@ -90,6 +93,8 @@ class Scheduler:
                 req.block_table, req.num_computed = [], 0
                 break
             self.block_manager.grow(req.block_table, req.num_computed + n)
+            if matched:
+                self.block_manager.record_query(len(req.all_ids), req.num_computed)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)

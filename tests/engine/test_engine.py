@@ -87,6 +87,22 @@ def test_prefix_cache_hit_skips_computation(tiny):
     assert engine.prefix_cache_hit_rate == pytest.approx(64 / (len(a) + len(b)))
 
 
+def test_hit_rate_counts_a_waiting_request_once(tiny):
+    """A request waiting for KV blocks looks its prefix up again at every step; the hit rate
+    counts its prompt once, when it is admitted."""
+    a, b = make_prompts(2, seed=6, lo=40, hi=40)
+    engine = LLMEngine(tiny, EngineConfig(block_size=4, num_kv_blocks=14))  # 56 slots: one at a time
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine.add_request(a, params)
+    rb = engine.add_request(b, params)
+    waited = 0
+    while engine.has_unfinished():
+        engine.step()
+        waited += rb.status is RequestStatus.WAITING
+    assert waited >= 3
+    assert engine.block_manager.num_queried_tokens == len(a) + len(b)
+
+
 def test_prefix_cache_exact_multiple_computes_last_token(tiny):
     prompt = make_prompts(1, seed=5, lo=32, hi=32)[0]
     outs, engine = run(tiny, [prompt, prompt], max_num_seqs=1, block_size=16)
