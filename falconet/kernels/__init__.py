@@ -8,6 +8,7 @@ set FALCONET_KERNELS=0 to use it, and it is used (with a warning) when no compil
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import warnings
@@ -24,7 +25,10 @@ _SOURCES = [
         "fused_ops.cpp",
     )
 ]
-_NAME = "falconet_cpu_kernels"
+# One build per Python environment: torch keys its build folder by this name alone, and two
+# environments sharing one folder rebuild it back and forth (their include paths differ),
+# each waiting on the other's lock.
+_NAME = "falconet_cpu_kernels_" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
 
 
 def kernels_enabled() -> bool:
