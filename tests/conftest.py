@@ -45,3 +45,12 @@ def tiny_llama_dir(tiny_llama_hf, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama_hf.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_kernels():
+    """Build the C++ kernels (about a minute the first time) before any test times a server or
+    CLI subprocess, which would otherwise spend its start-up compiling them."""
+    from falconet.kernels import cpu_kernels
+
+    return cpu_kernels()
