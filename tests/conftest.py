@@ -47,6 +47,20 @@ def tiny_llama_dir(tiny_llama_hf, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_llama64_dir(tmp_path_factory):
+    """A tiny random Llama with head_dim 64 (the default model's), saved as a Hugging Face folder:
+    the shape the CPU fast paths (tiled bf16 cache, flash prefill, paged decode) are built for."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    config = dict(TINY_LLAMA, hidden_size=256, intermediate_size=256, num_attention_heads=4)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    path = tmp_path_factory.mktemp("tiny-llama64")
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def built_kernels():
     """Build the C++ kernels (about a minute the first time) before any test times a server or

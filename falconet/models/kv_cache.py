@@ -15,10 +15,17 @@ of segment get three attention paths:
 - single-token decodes are batched into one call: the C++ kernel reads each sequence's keys
   and values in place through its block table (the PyTorch fallback gathers them first);
 - continuations (a prefill chunk after cached tokens, SARATHI's chunked prefill) attend to
-  their gathered context with a causal mask offset by what is cached.
+  their gathered context with a causal mask offset by what is cached (in bfloat16 with
+  AVX512-BF16, all of a step's continuations in one call of the flash kernel).
 
 Storage is [layers, kv_heads, slots, head_dim]: a gather of slots then comes out with kv heads
 outermost and each head's keys contiguous, ready for batched matmuls without another copy.
+
+Where the decode kernel runs on AVX512-BF16 (bfloat16 caches), each 16-slot tile of a head is
+stored "tiled" instead, in the operand layout of vdpbf16ps (which multiplies pairs of bf16):
+keys as [head_dim/2][16 tokens][2] and values as [8 token pairs][head_dim][2]. Decode attention
+then needs no transposes or shuffles (see paged_attention_bf16.cpp). `store_kv` writes this
+layout; `untile_keys`/`untile_values` give back the plain one for the gathering paths.
 """
 
 from __future__ import annotations
@@ -48,10 +55,9 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
         self.sliding_window = config.sliding_window
-        # Slots are never read before they are written, so `empty`: untouched pages cost nothing.
         shape = (config.num_layers, config.num_kv_heads, num_blocks * block_size, config.head_dim)
-        self.k = _empty(shape, dtype, device)
-        self.v = _empty(shape, dtype, device)
+        self.k = _allocate(shape, dtype, device)
+        self.v = _allocate(shape, dtype, device)
         self.device = device
         self._kernels = cpu_kernels() if torch.device(device).type == "cpu" else None
         # All fresh prompts of a step in one C++ call (bf16 on CPUs with AVX512-BF16).
@@ -60,6 +66,12 @@ class PagedKVCache:
             and dtype == torch.bfloat16
             and self._kernels.has_bf16_prefill_attention()
             and self.head_dim in (64, 128)
+        )
+        group = config.num_heads // config.num_kv_heads
+        self.tiled = (
+            self._kernels is not None
+            and dtype == torch.bfloat16
+            and self._kernels.has_tiled_kv(self.head_dim, block_size, group)
         )
         self._plan: list[tuple] = []
         self._slot_mapping = torch.empty(0, dtype=torch.long)
@@ -77,6 +89,22 @@ class PagedKVCache:
         slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
         return slots[start - first * bs : end - first * bs]
 
+    def _context_index(self, block_table: list[int], total: int) -> tuple[torch.Tensor, int]:
+        """What `_context` gathers for positions [0, total): slots, or whole tiles when tiled."""
+        if not self.tiled:
+            return self._slots(block_table, 0, total), total
+        per_block = self.block_size // TILE
+        blocks = torch.tensor(block_table[: -(-total // self.block_size)], dtype=torch.long)
+        return (blocks[:, None] * per_block + torch.arange(per_block)).flatten(), total
+
+    def _context(self, cache: torch.Tensor, index: torch.Tensor, total: int, keys: bool) -> torch.Tensor:
+        """[Hkv, total, D] keys or values of positions [0, total) of one sequence, plain layout."""
+        if not self.tiled:
+            return cache[:, index]
+        hkv, _, d = cache.shape
+        tiles = cache.view(hkv, -1, TILE * d)[:, index].view(hkv, -1, d)
+        return (untile_keys(tiles) if keys else untile_values(tiles))[:, :total]
+
     def _mask(self, start: int, length: int) -> torch.Tensor | None:
         """[length, start + length] boolean: causal, and inside the sliding window if any."""
         total = start + length
@@ -92,7 +120,7 @@ class PagedKVCache:
 
     def begin_step(self, segments: list[Segment]) -> None:
         """Plan the attention of the next forward over `segments`, flattened in this order."""
-        slot_maps, plan, decodes, fresh, offset = [], [], [], [], 0
+        slot_maps, plan, decodes, fresh, chunks, offset = [], [], [], [], [], 0
         for s in segments:
             slot_maps.append(self._slots(s.block_table, s.start, s.start + s.length))
             if s.start == 0 and self._packed_prefill:
@@ -101,17 +129,31 @@ class PagedKVCache:
                 plan.append(("fresh", offset, offset + s.length, self._mask(0, s.length)))
             elif s.length == 1:
                 decodes.append((offset, s))
+            elif self._packed_prefill:
+                chunks.append((offset, s))
             else:
-                ctx = self._slots(s.block_table, 0, s.start + s.length)
+                ctx = self._context_index(s.block_table, s.start + s.length)
                 plan.append(("context", offset, offset + s.length, ctx, self._mask(s.start, s.length)))
             offset += s.length
         if fresh:
             starts, lengths = zip(*fresh, strict=True)
             plan.append(("packed", torch.tensor(starts), torch.tensor(lengths)))
+        if chunks:
+            plan.append(self._chunk_plan(chunks))
         if decodes:
             plan.append(self._decode_plan(decodes))
         self._plan = plan
         self._slot_mapping = torch.cat(slot_maps) if slot_maps else torch.empty(0, dtype=torch.long)
+
+    def _chunk_plan(self, chunks: list[tuple[int, Segment]]) -> tuple:
+        """One flash-attention call for all chunks that continue a sequence: their contexts are
+        gathered (after this step's keys are stored) into one key tensor, chunk after chunk."""
+        contexts = [self._context_index(s.block_table, s.start + s.length) for _, s in chunks]
+        totals = [total for _, total in contexts]
+        key_starts = [sum(totals[:i]) for i in range(len(totals))]
+        starts = torch.tensor([off for off, _ in chunks])
+        lengths = torch.tensor([s.length for _, s in chunks])
+        return ("chunks", starts, lengths, contexts, torch.tensor(key_starts), torch.tensor(totals))
 
     def _decode_plan(self, decodes: list[tuple[int, Segment]]) -> tuple:
         """One attention call for all single-token decodes."""
@@ -138,7 +180,7 @@ class PagedKVCache:
         """Store k, v of the new tokens and attend. q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
         k_cache, v_cache = self.k[layer], self.v[layer]  # [Hkv, slots, D]
         if self._kernels is not None:
-            self._kernels.store_kv(k, v, k_cache, v_cache, self._slot_mapping)
+            self._kernels.store_kv(k, v, k_cache, v_cache, self._slot_mapping, self.tiled)
         else:
             k_cache.index_copy_(1, self._slot_mapping, k.transpose(0, 1))
             v_cache.index_copy_(1, self._slot_mapping, v.transpose(0, 1))
@@ -149,20 +191,30 @@ class PagedKVCache:
                 kv = (k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
                 out[start:end] = _attention(q[start:end], *kv, mask)
             elif kind == "context":
-                start, end, ctx, mask = args
-                out[start:end] = _attention(q[start:end], k_cache[:, ctx], v_cache[:, ctx], mask)
+                start, end, (index, total), mask = args
+                keys = self._context(k_cache, index, total, keys=True)
+                values = self._context(v_cache, index, total, keys=False)
+                out[start:end] = _attention(q[start:end], keys, values, mask)
             elif kind == "packed":
                 starts, lengths = args
                 window = self.sliding_window or 0
                 self._kernels.prefill_attention_bf16(
                     q, k, v, out, starts, lengths, window, self.head_dim**-0.5
                 )
+            elif kind == "chunks":
+                starts, lengths, contexts, key_starts, key_lengths = args
+                keys = torch.cat([self._context(k_cache, i, n, keys=True) for i, n in contexts], dim=1)
+                values = torch.cat([self._context(v_cache, i, n, keys=False) for i, n in contexts], dim=1)
+                self._kernels.prefill_attention_bf16(
+                    q, keys.transpose(0, 1), values.transpose(0, 1), out, starts, lengths,
+                    self.sliding_window or 0, self.head_dim**-0.5, key_starts, key_lengths,
+                )
             elif kind == "paged":
                 rows, tables, lengths = args
                 window = self.sliding_window or 0
                 scale = self.head_dim**-0.5
                 out[rows] = self._kernels.paged_attention(
-                    q[rows], k_cache, v_cache, tables, lengths, self.block_size, window, scale
+                    q[rows], k_cache, v_cache, tables, lengths, self.block_size, window, scale, self.tiled
                 )
             else:
                 rows, index, mask = args
@@ -170,15 +222,44 @@ class PagedKVCache:
         return out
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised cache tensor; on CPU in transparent huge pages where the OS allows.
+TILE = 16  # tokens per tile of the tiled layout
+
+
+def tile_keys(x: torch.Tensor) -> torch.Tensor:
+    """Plain [..., n * 16, D] keys -> the tiled layout ([D/2][16][2] per tile), same shape."""
+    *lead, m, d = x.shape
+    return x.reshape(*lead, m // TILE, TILE, d // 2, 2).transpose(-3, -2).reshape(x.shape)
+
+
+def untile_keys(x: torch.Tensor) -> torch.Tensor:
+    *lead, m, d = x.shape
+    return x.reshape(*lead, m // TILE, d // 2, TILE, 2).transpose(-3, -2).reshape(x.shape)
+
+
+def tile_values(x: torch.Tensor) -> torch.Tensor:
+    """Plain [..., n * 16, D] values -> the tiled layout ([8][D][2] per tile), same shape."""
+    *lead, m, d = x.shape
+    return x.reshape(*lead, m // TILE, TILE // 2, 2, d).transpose(-2, -1).reshape(x.shape)
+
+
+def untile_values(x: torch.Tensor) -> torch.Tensor:
+    *lead, m, d = x.shape
+    return x.reshape(*lead, m // TILE, TILE // 2, d, 2).transpose(-2, -1).reshape(x.shape)
+
+
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zeroed cache tensor; on CPU in transparent huge pages where the OS allows.
 
     Decode attention reads a few KB from each block of each sequence, all over the cache: with
     4 KB pages nearly every block costs a TLB miss and a page walk, which made the decode kernel
     run at a fraction of the memory bandwidth. 2 MB pages remove most of those walks.
+
+    The memory is touched here, at start-up (llama.cpp clears its KV buffer the same way): left
+    untouched, requests pay the page faults the first time each block is used, and with huge
+    pages the OS may compact memory inside those faults (1.2 s of a 20 s benchmark run).
     """
     if torch.device(device).type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(shape, dtype=dtype, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device)
     size = math.prod(shape) * dtype.itemsize
     buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
@@ -186,7 +267,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     except OSError:
         pass  # huge pages switched off: ordinary pages work, just slower
     # The tensor keeps the mapping alive (frombuffer holds a reference to it).
-    return torch.frombuffer(buf, dtype=torch.uint8, count=size).view(dtype).view(shape)
+    return torch.frombuffer(buf, dtype=torch.uint8, count=size).view(dtype).view(shape).zero_()
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from falconet.config import ModelConfig
 from falconet.kernels import cpu_kernels
 from falconet.models import llama
+from falconet.models.kv_cache import tile_keys, tile_values, untile_keys, untile_values
 from falconet.models.rope import RotaryEmbedding
 
 kernels = cpu_kernels()
@@ -116,3 +117,22 @@ def test_store_kv_equals_index_copy(dtype):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     with pytest.raises(RuntimeError, match="outside the cache"):
         kernels.store_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 4, 32]))
+
+
+def test_store_kv_tiled_writes_the_tiled_layout():
+    """The tiled layout of models/kv_cache.py: converting back gives what index_copy_ writes."""
+    if not kernels.has_tiled_kv(64, 16, 1):
+        pytest.skip("the tiled layout needs AVX512-BF16")
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(7, 3 * 2 * 64, generator=g).bfloat16()
+    k, v = qkv[:, 128:256].view(7, 2, 64), qkv[:, 256:].view(7, 2, 64)  # strided views, 2 heads
+    slots = torch.tensor([5, 0, 17, 3, 31, 16, 4])
+    tiled = [torch.zeros(2, 32, 64, dtype=torch.bfloat16) for _ in range(2)]
+    plain = [torch.zeros(2, 32, 64, dtype=torch.bfloat16) for _ in range(2)]
+    kernels.store_kv(k, v, tiled[0], tiled[1], slots, True)
+    plain[0].index_copy_(1, slots, k.transpose(0, 1))
+    plain[1].index_copy_(1, slots, v.transpose(0, 1))
+    assert torch.equal(untile_keys(tiled[0]), plain[0]) and torch.equal(untile_values(tiled[1]), plain[1])
+    assert torch.equal(tile_keys(plain[0]), tiled[0]) and torch.equal(tile_values(plain[1]), tiled[1])
+    with pytest.raises(RuntimeError, match="tiled"):
+        kernels.store_kv(k.float(), v.float(), plain[0].float(), plain[1].float(), slots, True)

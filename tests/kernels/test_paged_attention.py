@@ -4,10 +4,15 @@ import pytest
 import torch
 
 from falconet.kernels import cpu_kernels
-from falconet.models.kv_cache import _decode_attention
+from falconet.models.kv_cache import _decode_attention, tile_keys, tile_values
 
 kernels = cpu_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="C++ kernels could not be built here")
+
+
+def _layouts(dim, block_size, group):
+    """The plain layout, and the tiled one where this CPU and shape have its kernel."""
+    return [False, True] if kernels is not None and kernels.has_tiled_kv(dim, block_size, group) else [False]
 
 
 def _case(dtype, heads, kv_heads, dim, block_size, lengths, seed=0):
@@ -38,12 +43,15 @@ def _reference(q, k_cache, v_cache, tables, lengths, block_size, window):
     return _decode_attention(q, k_cache[:, index], v_cache[:, index], mask[:, None, :])
 
 
-def _kernel(q, k_cache, v_cache, tables, lengths, block_size, window):
+def _kernel(q, k_cache, v_cache, tables, lengths, block_size, window, tiled=False):
+    """The kernel over caches given in the plain layout (converted first when `tiled`)."""
     width = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     dim = q.shape[-1]
+    if tiled:
+        k_cache, v_cache = tile_keys(k_cache), tile_values(v_cache)
     return kernels.paged_attention(
-        q, k_cache, v_cache, padded, torch.tensor(lengths), block_size, window, dim**-0.5
+        q, k_cache, v_cache, padded, torch.tensor(lengths), block_size, window, dim**-0.5, tiled
     )
 
 
@@ -67,32 +75,36 @@ def test_kernel_matches_pytorch_path_float32(heads, kv_heads, dim, block_size, w
 @pytest.mark.parametrize(
     "heads,kv_heads,dim,block_size,window",
     [
-        (9, 3, 64, 16, 0),  # the AVX512-BF16 path where the CPU has it
+        (9, 3, 64, 16, 0),  # plain and, where the CPU has AVX512-BF16, tiled
         (8, 2, 128, 32, 0),
+        (4, 1, 256, 16, 0),
         (9, 3, 64, 16, 21),  # sliding window starting mid-tile
-        (6, 2, 40, 4, 0),  # generic path: head_dim not a multiple of 32
+        (6, 2, 40, 4, 0),  # plain only: head_dim not a multiple of 32
     ],
 )
 def test_kernel_matches_pytorch_path_bfloat16(heads, kv_heads, dim, block_size, window):
     lengths = [1, 2, 17, 33, 64, 300]
     q, k, v, tables = _case(torch.bfloat16, heads, kv_heads, dim, block_size, lengths, seed=1)
-    got = _kernel(q, k, v, tables, lengths, block_size, window)
     # Both round to bf16 at different points, so compare each against a float32 ground truth.
     truth = _reference(q.float(), k.float(), v.float(), tables, lengths, block_size, window)
-    assert got.dtype == torch.bfloat16
-    err_kernel = (got.float() - truth).abs().max().item()
     err_torch = (_reference(q, k, v, tables, lengths, block_size, window).float() - truth).abs().max().item()
-    assert err_kernel <= 2e-2 and err_kernel <= 2 * err_torch + 1e-3
+    for tiled in _layouts(dim, block_size, heads // kv_heads):
+        got = _kernel(q, k, v, tables, lengths, block_size, window, tiled)
+        assert got.dtype == torch.bfloat16
+        err_kernel = (got.float() - truth).abs().max().item()
+        assert err_kernel <= 2e-2 and err_kernel <= 2 * err_torch + 1e-3, (tiled, err_kernel, err_torch)
 
 
 def test_rows_are_independent_of_the_batch():
     """A row's result is bitwise the same alone or batched: outputs cannot depend on batch mates."""
     lengths = [5, 77, 200]
     q, k, v, tables = _case(torch.bfloat16, 9, 3, 64, 16, lengths, seed=2)
-    batched = _kernel(q, k, v, tables, lengths, 16, 0)
-    for i in range(len(lengths)):
-        alone = _kernel(q[i : i + 1].contiguous(), k, v, tables[i : i + 1], lengths[i : i + 1], 16, 0)
-        assert torch.equal(alone[0], batched[i])
+    for tiled in _layouts(64, 16, 3):
+        batched = _kernel(q, k, v, tables, lengths, 16, 0, tiled)
+        for i in range(len(lengths)):
+            one = q[i : i + 1].contiguous()
+            alone = _kernel(one, k, v, tables[i : i + 1], lengths[i : i + 1], 16, 0, tiled)
+            assert torch.equal(alone[0], batched[i])
 
 
 def test_bad_inputs_raise():
@@ -102,6 +114,8 @@ def test_bad_inputs_raise():
     with pytest.raises(RuntimeError):
         int32_tables = torch.tensor(tables, dtype=torch.int32)
         kernels.paged_attention(q, k, v, int32_tables, torch.tensor([20]), 16, 0, 0.1)
+    with pytest.raises(RuntimeError, match="tiled"):  # the tiled layout is bf16 only
+        kernels.paged_attention(q, k, v, torch.tensor(tables), torch.tensor([20]), 16, 0, 0.1, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -109,10 +123,12 @@ def test_unwritten_slots_are_never_read(dtype):
     """Slots past a sequence's length (the rest of its last block) may hold anything, even NaN."""
     lengths = [3, 18, 45]
     q, k, v, tables = _case(dtype, 9, 3, 64, 16, lengths, seed=3)
-    clean = _kernel(q, k, v, tables, lengths, 16, 0)
     written = torch.zeros(k.shape[1], dtype=torch.bool)
     for table, n in zip(tables, lengths, strict=True):
         slots = (torch.tensor(table)[:, None] * 16 + torch.arange(16)).flatten()[:n]
         written[slots] = True
-    k[:, ~written], v[:, ~written] = float("nan"), float("nan")
-    assert torch.equal(_kernel(q, k, v, tables, lengths, 16, 0), clean)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[:, ~written], poisoned_v[:, ~written] = float("nan"), float("nan")
+    for tiled in _layouts(64, 16, 3) if dtype == torch.bfloat16 else [False]:
+        clean = _kernel(q, k, v, tables, lengths, 16, 0, tiled)
+        assert torch.equal(_kernel(q, poisoned_k, poisoned_v, tables, lengths, 16, 0, tiled), clean)

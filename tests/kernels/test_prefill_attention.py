@@ -63,6 +63,35 @@ def test_prompts_do_not_see_each_other_and_other_rows_are_untouched():
     assert torch.count_nonzero(out[65:]) == 0
 
 
+@pytest.mark.parametrize("window", [0, 50])
+def test_chunks_continuing_a_sequence_equal_the_whole_prompt(window):
+    """A chunk with its cached context as keys gives the whole prompt's rows, bitwise: it visits
+    the same key tiles in the same order. Two chunks of different sequences share one call."""
+    q, k, v = _packed([300, 120])
+    out = torch.zeros_like(q)
+    kernels.prefill_attention_bf16(
+        q, k, v, out, torch.tensor([0, 300]), torch.tensor([300, 120]), window, 0.125
+    )
+    # chunks: rows 250-299 of prompt 0 (keys 0-299) and rows 70-119 of prompt 1 (keys 0-119),
+    # keys gathered into one tensor as the KV cache path does
+    keys, values = torch.cat([k[:300], k[300:]]), torch.cat([v[:300], v[300:]])
+    chunk = torch.zeros_like(q)
+    kernels.prefill_attention_bf16(
+        q,
+        keys,
+        values,
+        chunk,
+        torch.tensor([250, 370]),
+        torch.tensor([50, 50]),
+        window,
+        0.125,
+        torch.tensor([0, 300]),
+        torch.tensor([300, 120]),
+    )
+    assert torch.equal(chunk[250:300], out[250:300]) and torch.equal(chunk[370:], out[370:])
+    assert torch.count_nonzero(chunk[:250]) == 0 and torch.count_nonzero(chunk[300:370]) == 0
+
+
 def test_bad_inputs_raise():
     q, k, v = _packed([10])
     out = torch.empty_like(q)
@@ -70,3 +99,7 @@ def test_bad_inputs_raise():
         kernels.prefill_attention_bf16(q, k, v, out, torch.tensor([5]), torch.tensor([10]), 0, 0.1)
     with pytest.raises(RuntimeError):
         kernels.prefill_attention_bf16(q.float(), k, v, out, torch.tensor([0]), torch.tensor([10]), 0, 0.1)
+    with pytest.raises(RuntimeError, match="key rows"):  # fewer keys than queries
+        kernels.prefill_attention_bf16(
+            q, k, v, out, torch.tensor([0]), torch.tensor([10]), 0, 0.1, torch.tensor([0]), torch.tensor([9])
+        )

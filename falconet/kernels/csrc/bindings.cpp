@@ -4,29 +4,38 @@
 
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor tables, torch::Tensor lengths, int64_t block_size,
-                              int64_t window, double scale);
+                              int64_t window, double scale, bool tiled);
+bool has_tiled_kv(int64_t dim, int64_t block_size, int64_t group);
 bool has_bf16_prefill_attention();
 void prefill_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
-                            torch::Tensor starts, torch::Tensor lengths, int64_t window, double scale);
+                            torch::Tensor starts, torch::Tensor lengths, int64_t window, double scale,
+                            std::optional<torch::Tensor> key_starts, std::optional<torch::Tensor> key_lengths);
 bool has_bf16_linear();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t out_features, torch::Tensor bias);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, std::optional<torch::Tensor> residual);
 void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul(torch::Tensor gate_up);
-void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+              bool tiled);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Every kernel lets go of the GIL: a server's event loop keeps running while a step computes.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("paged_attention", &paged_attention, "attention of query rows over paged K/V", nogil);
+  m.def("paged_attention", &paged_attention, "attention of query rows over paged K/V", nogil, py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("lengths"), py::arg("block_size"),
+        py::arg("window"), py::arg("scale"), py::arg("tiled") = false);
+  m.def("has_tiled_kv", &has_tiled_kv, "whether the tiled bf16 cache layout is supported for this shape");
   m.def("has_bf16_prefill_attention", &has_bf16_prefill_attention,
         "whether prefill_attention_bf16 was built (the CPU has AVX512-BF16)");
-  m.def("prefill_attention_bf16", &prefill_attention_bf16, "causal attention of packed prompts, bf16", nogil);
+  m.def("prefill_attention_bf16", &prefill_attention_bf16, "causal attention of packed prompts, bf16", nogil,
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("starts"), py::arg("lengths"),
+        py::arg("window"), py::arg("scale"), py::arg("key_starts") = py::none(), py::arg("key_lengths") = py::none());
   m.def("has_bf16_linear", &has_bf16_linear, "whether linear_bf16 was built (the CPU has AVX512-BF16)");
   m.def("linear_bf16", &linear_bf16, "x W^T + b with W packed by pack_linear_weight_bf16", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally after residual += x", nogil,
         py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("rope_", &rope_, "rotate-half RoPE of q and k in place", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up] rows", nogil);
-  m.def("store_kv", &store_kv, "write k, v rows into the cache slots", nogil);
+  m.def("store_kv", &store_kv, "write k, v rows into the cache slots", nogil, py::arg("k"), py::arg("v"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("tiled") = false);
 }

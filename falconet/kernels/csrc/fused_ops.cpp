@@ -237,7 +237,12 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 }
 
 // k_cache[:, slots[t]] = k[t] and the same for v; caches [Hkv, slots, D], k/v [T, Hkv, D].
-void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+// Write token t's k, v rows (all kv heads) into cache slot slots[t]. With `tiled` (bf16 only) the
+// caches use the tiled layout of kv_cache.py: per 16-token tile, keys [dim/2][16][2] and values
+// [8][dim][2], so one token's row is spread over the tile in 4-byte (keys) or 2-byte (values)
+// pieces.
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+              bool tiled) {
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes() && k.stride(2) == 1 && v.stride(2) == 1,
               "store_kv: k, v must be [T, Hkv, D] with a contiguous last dim");
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -249,6 +254,8 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.numel() == k.size(0),
               "store_kv: one int64 slot per token");
   const int64_t tokens = k.size(0), heads = k.size(1), dim = k.size(2), capacity = k_cache.size(1);
+  TORCH_CHECK(!tiled || (k.scalar_type() == torch::kBFloat16 && dim % 2 == 0 && capacity % 16 == 0),
+              "store_kv: the tiled layout needs bfloat16, an even head_dim and whole tiles");
   const int64_t* sl = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(sl[t] >= 0 && sl[t] < capacity, "store_kv: slot ", sl[t], " outside the cache");
@@ -258,6 +265,22 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   const auto* kp = static_cast<const char*>(k.data_ptr());
   const auto* vp = static_cast<const char*>(v.data_ptr());
   const int64_t es = k.element_size();
+  if (tiled) {
+    at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t slot = sl[t], j = slot % 16;
+          const int64_t tile = (h * capacity + slot - j) * dim;  // in elements
+          uint32_t* kt = reinterpret_cast<uint32_t*>(kc) + tile / 2;
+          uint16_t* vt = reinterpret_cast<uint16_t*>(vc) + tile + (j / 2) * 2 * dim + j % 2;
+          const auto* ks = reinterpret_cast<const uint32_t*>(kp + (t * k.stride(0) + h * k.stride(1)) * es);
+          const auto* vs = reinterpret_cast<const uint16_t*>(vp + (t * v.stride(0) + h * v.stride(1)) * es);
+          for (int64_t p = 0; p < dim / 2; ++p) kt[p * 16 + j] = ks[p];
+          for (int64_t d = 0; d < dim; ++d) vt[d * 2] = vs[d];
+        }
+    });
+    return;
+  }
   // The slots are scattered over a cache much larger than the CPU caches: ordinary stores would
   // first read every destination line from memory. Whole aligned lines are written with
   // streaming stores instead, which skip that read.

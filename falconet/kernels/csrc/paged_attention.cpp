@@ -143,11 +143,17 @@ void paged_attention_bf16(const uint16_t* q, const uint16_t* k_cache, const uint
                           int64_t kv_heads, int64_t dim, int64_t slots, int64_t max_blocks, int64_t block_size,
                           int64_t window, float scale);
 
-// q [rows, heads, dim]; k_cache, v_cache [kv_heads, slots, dim] (one layer); tables [rows,
-// max_blocks] int64; lengths [rows] int64 (>= 1). Returns [rows, heads, dim] in q's dtype.
+// Whether the tiled bf16 layout and its kernel are available for this shape (AVX512-BF16 CPUs).
+bool has_tiled_kv(int64_t dim, int64_t block_size, int64_t group) {
+  return paged_attention_bf16_supported(dim, block_size, group);
+}
+
+// q [rows, heads, dim]; k_cache, v_cache [kv_heads, slots, dim] (one layer; with `tiled`, bf16 in
+// the tiled layout of kv_cache.py); tables [rows, max_blocks] int64; lengths [rows] int64 (>= 1).
+// Returns [rows, heads, dim] in q's dtype.
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor tables, torch::Tensor lengths, int64_t block_size,
-                              int64_t window, double scale) {
+                              int64_t window, double scale, bool tiled) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "bad ranks");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "need contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
@@ -160,17 +166,20 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(2) == dim, "shape mismatch");
   TORCH_CHECK(tables.size(0) == rows && lengths.size(0) == rows, "one table and length per row");
   auto out = torch::empty_like(q);
-  if (q.scalar_type() == torch::kFloat) {
-    attend_rows_any<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                       out.data_ptr<float>(), tables.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), rows,
-                       heads, kv_heads, dim, slots, tables.size(1), block_size, window,
-                       static_cast<float>(scale));
-  } else if (q.scalar_type() == torch::kBFloat16 && paged_attention_bf16_supported(dim, block_size, heads / kv_heads)) {
+  if (tiled) {
+    TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && has_tiled_kv(dim, block_size, heads / kv_heads),
+                "the tiled cache layout needs bfloat16 on an AVX512-BF16 CPU, head_dim 64/128/256 and "
+                "block_size a multiple of 16");
     auto bits = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
     paged_attention_bf16(bits(q), bits(k_cache), bits(v_cache),
                          reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), tables.data_ptr<int64_t>(),
                          lengths.data_ptr<int64_t>(), rows, heads, kv_heads, dim, slots, tables.size(1), block_size,
                          window, static_cast<float>(scale));
+  } else if (q.scalar_type() == torch::kFloat) {
+    attend_rows_any<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                       out.data_ptr<float>(), tables.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), rows,
+                       heads, kv_heads, dim, slots, tables.size(1), block_size, window,
+                       static_cast<float>(scale));
   } else if (q.scalar_type() == torch::kBFloat16) {
     attend_rows_any<at::BFloat16>(q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
                               v_cache.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),

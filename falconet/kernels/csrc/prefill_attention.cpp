@@ -9,6 +9,9 @@
 // Prompts are packed as in Prepacking: prompt i is rows [starts[i], starts[i] + lengths[i]) of
 // q [T, heads, dim] and k, v [T, kv_heads, dim]; each attends causally (and within a sliding
 // window if one is given) to its own rows only, and writes its rows of `out` in place.
+// A prompt may also be a chunk that continues a sequence (SARATHI's chunked prefill): then its
+// keys are rows [key_starts[i], key_starts[i] + key_lengths[i]) of k, v, the cached context
+// followed by the chunk's own keys, and its queries are the last lengths[i] of those positions.
 // Scores, softmax and the output accumulators are float32; probabilities are rounded to bf16
 // for the value product, as torch's bf16 kernels do. Without AVX512-BF16 the function is not
 // available and callers use torch's scaled_dot_product_attention.
@@ -67,39 +70,42 @@ void pack_values(const uint16_t* v, Strides vs, int64_t rows, int64_t dim, uint3
 }
 
 struct Task {
-  int64_t prompt, head, tile;
+  int64_t prompt, head, tile, work;  // work: key tiles to visit, for the schedule
 };
 
 template <int64_t DIM>
 void prefill_impl(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, uint16_t* op, Strides qs, Strides ks,
-                  Strides vs, Strides os, const int64_t* st, const int64_t* len, int64_t prompts, int64_t group,
-                  int64_t kv_heads, int64_t window, float fscale) {
+                  Strides vs, Strides os, const int64_t* st, const int64_t* len, const int64_t* kst,
+                  const int64_t* klen, int64_t prompts, int64_t group, int64_t kv_heads, int64_t window,
+                  float fscale) {
   constexpr int64_t dim = DIM;
-  // Pack every key and value tile once: [prompt tiles..][kv_heads][kTile * dim / 2] words.
+  // Pack every key and value tile once: [prompt key tiles..][kv_heads][kTile * dim / 2] words.
   std::vector<int64_t> first_tile(prompts + 1, 0);
-  for (int64_t i = 0; i < prompts; ++i) first_tile[i + 1] = first_tile[i] + (len[i] + kTile - 1) / kTile;
+  for (int64_t i = 0; i < prompts; ++i) first_tile[i + 1] = first_tile[i] + (klen[i] + kTile - 1) / kTile;
   const int64_t tile_words = kTile * dim / 2, total_tiles = first_tile[prompts];
   std::vector<uint32_t> kpack(total_tiles * kv_heads * tile_words), vpack(kpack.size());
-  std::vector<Task> tasks;
+  std::vector<Task> packs, tasks;
   for (int64_t i = 0; i < prompts; ++i) {
+    const int64_t offset = klen[i] - len[i];  // cached positions before the chunk
     for (int64_t h = 0; h < kv_heads; ++h) {
-      for (int64_t t = 0; t < first_tile[i + 1] - first_tile[i]; ++t) tasks.push_back({i, h, t});
+      for (int64_t t = 0; t < first_tile[i + 1] - first_tile[i]; ++t) packs.push_back({i, h, t, 0});
+      for (int64_t t = 0; t * kTile < len[i]; ++t) tasks.push_back({i, h, t, (offset + t * kTile) / kTile});
     }
   }
-  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t num_packs = static_cast<int64_t>(packs.size()), num_tasks = static_cast<int64_t>(tasks.size());
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < num_tasks; ++n) {
-    const Task& task = tasks[n];
-    const int64_t row0 = st[task.prompt] + task.tile * kTile;
-    const int64_t rows = std::min(kTile, len[task.prompt] - task.tile * kTile);
+  for (int64_t n = 0; n < num_packs; ++n) {
+    const Task& task = packs[n];
+    const int64_t row0 = kst[task.prompt] + task.tile * kTile;
+    const int64_t rows = std::min(kTile, klen[task.prompt] - task.tile * kTile);
     const int64_t slot = ((first_tile[task.prompt] + task.tile) * kv_heads + task.head) * tile_words;
     pack_keys(kp + row0 * ks.row + task.head * ks.head, ks, rows, dim, kpack.data() + slot);
     pack_values(vp + row0 * vs.row + task.head * vs.head, vs, rows, dim, vpack.data() + slot);
   }
 
   // Query tiles, longest work first so the dynamic schedule ends evenly.
-  std::sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.tile > b.tile; });
+  std::sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.work > b.work; });
 #pragma omp parallel num_threads(threads)
   {
     const int64_t rows_max = group * kTile;
@@ -111,16 +117,18 @@ void prefill_impl(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, ui
       const int64_t plen = len[task.prompt], q0 = task.tile * kTile;
       const int64_t qn = std::min(kTile, plen - q0);
       const int64_t base = st[task.prompt];
+      const int64_t keys = klen[task.prompt], offset = keys - plen;  // query i sits at offset + i
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.0f);
-      const int64_t key_first = window > 0 ? std::max<int64_t>(0, q0 - window + 1) / kTile : 0;
-      for (int64_t kt = key_first; kt <= task.tile; ++kt) {
+      const int64_t p0 = offset + q0, p_last = p0 + qn - 1;  // positions of the tile's queries
+      const int64_t key_first = window > 0 ? std::max<int64_t>(0, p0 - window + 1) / kTile : 0;
+      for (int64_t kt = key_first; kt <= p_last / kTile; ++kt) {
         const int64_t slot = ((first_tile[task.prompt] + kt) * kv_heads + task.head) * tile_words;
         const uint32_t* kt_pack = kpack.data() + slot;
         const uint32_t* vt_pack = vpack.data() + slot;
         const int64_t k0 = kt * kTile;
-        const bool needs_mask = kt == task.tile || window > 0 || k0 + kTile > plen;
+        const bool needs_mask = k0 + kTile - 1 > p0 || window > 0 || k0 + kTile > keys;
         for (int64_t g = 0; g < group; ++g) {
           const uint16_t* qg = qp + (base + q0) * qs.row + (task.head * group + g) * qs.head;
           // Scores of 4 query rows at once: 8 independent accumulation chains, each key pair
@@ -149,12 +157,12 @@ void prefill_impl(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, ui
           }
           // Mask, then the online softmax: rescale what was accumulated if the running max grew.
           for (int64_t i = 0; i < qn; ++i) {
-            const int64_t r = g * kTile + i, qi = q0 + i;
+            const int64_t r = g * kTile + i, qi = p0 + i;
             float* srow = scores.data() + r * kTile;
             if (needs_mask) {
               for (int64_t j = 0; j < kTile; ++j) {
                 const int64_t key = k0 + j;
-                if (key > qi || key >= plen || (window > 0 && key <= qi - window)) srow[j] = -INFINITY;
+                if (key > qi || key >= keys || (window > 0 && key <= qi - window)) srow[j] = -INFINITY;
               }
             }
             const float tile_max = std::max(_mm512_reduce_max_ps(_mm512_loadu_ps(srow)),
@@ -222,10 +230,12 @@ void prefill_impl(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, ui
 }  // namespace
 #endif
 
-// q [T, heads, dim], k/v [T, kv_heads, dim] (bf16, last dim contiguous), out like q (written in
-// place for the prompts' rows); starts/lengths int64 [prompts]. head_dim 64 or 128.
+// q [T, heads, dim], k/v [S, kv_heads, dim] (bf16, last dim contiguous), out like q (written in
+// place for the prompts' rows); starts/lengths int64 [prompts]; key_starts/key_lengths the rows
+// of k, v each prompt attends to (default: its own query rows). head_dim 64 or 128.
 void prefill_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
-                            torch::Tensor starts, torch::Tensor lengths, int64_t window, double scale) {
+                            torch::Tensor starts, torch::Tensor lengths, int64_t window, double scale,
+                            std::optional<torch::Tensor> key_starts, std::optional<torch::Tensor> key_lengths) {
 #ifndef FALCONET_HAS_BF16_ATTENTION
   TORCH_CHECK(false, "prefill_attention_bf16 needs a CPU with AVX512-BF16");
 #else
@@ -242,8 +252,19 @@ void prefill_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
     const int64_t group = heads / kv_heads, prompts = starts.numel();
   const int64_t* st = starts.data_ptr<int64_t>();
   const int64_t* len = lengths.data_ptr<int64_t>();
+  TORCH_CHECK(key_starts.has_value() == key_lengths.has_value(), "give both key_starts and key_lengths, or neither");
+  if (key_starts) {
+    for (const auto& t : {*key_starts, *key_lengths}) {
+      TORCH_CHECK(t.scalar_type() == torch::kLong && t.is_contiguous() && t.numel() == prompts,
+                  "key_starts and key_lengths: int64, one per prompt");
+    }
+  }
+  const int64_t* kst = key_starts ? key_starts->data_ptr<int64_t>() : st;
+  const int64_t* klen = key_lengths ? key_lengths->data_ptr<int64_t>() : len;
+  TORCH_CHECK(k.size(0) == v.size(0), "k and v must have the same rows");
   for (int64_t i = 0; i < prompts; ++i) {
     TORCH_CHECK(len[i] >= 1 && st[i] >= 0 && st[i] + len[i] <= q.size(0), "prompt rows out of range");
+    TORCH_CHECK(klen[i] >= len[i] && kst[i] >= 0 && kst[i] + klen[i] <= k.size(0), "key rows out of range");
   }
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
@@ -254,9 +275,9 @@ void prefill_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
 
   const float fscale = static_cast<float>(scale);
   if (dim == 64) {
-    prefill_impl<64>(qp, kp, vp, op, qs, ks, vs, os, st, len, prompts, group, kv_heads, window, fscale);
+    prefill_impl<64>(qp, kp, vp, op, qs, ks, vs, os, st, len, kst, klen, prompts, group, kv_heads, window, fscale);
   } else if (dim == 128) {
-    prefill_impl<128>(qp, kp, vp, op, qs, ks, vs, os, st, len, prompts, group, kv_heads, window, fscale);
+    prefill_impl<128>(qp, kp, vp, op, qs, ks, vs, os, st, len, kst, klen, prompts, group, kv_heads, window, fscale);
   } else {
     TORCH_CHECK(false, "prefill_attention_bf16: head_dim must be 64 or 128");
   }
