@@ -26,6 +26,8 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     cumulative_logprob: float | None = None  # with logprobs requested
     logprobs: list[dict[int, float]] | None = None  # per token: chosen + top alternatives
+    # with speculative=...: drafted/accepted tokens, mean accepted length, acceptance by position
+    speculative_metrics: dict | None = None
 
 
 @dataclass
@@ -135,6 +137,7 @@ class LLM:
                 stop_reason=r.stop_reason,
                 cumulative_logprob=r.cumulative_logprob if r.params.logprobs is not None else None,
                 logprobs=[lp.as_dict() for lp in r.logprobs] if r.params.logprobs is not None else None,
+                speculative_metrics=r.spec_stats.as_dict() if r.spec_stats is not None else None,
             )
             for i, r in enumerate(group)
         ]

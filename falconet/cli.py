@@ -25,6 +25,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=40, help="0 disables")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--speculative", default=None, help="speculative method (see `falconet methods`)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="drafts per step")
+    p.add_argument("--draft-model", default=None, help="draft model for --speculative draft-model")
 
 
 def _sampling(args):
@@ -36,13 +39,21 @@ def _sampling(args):
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens,
     )
 
 
 def _llm(args):
     from falconet.api import LLM
 
-    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=1)
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=1,
+        draft_model=args.draft_model,
+    )
 
 
 def cmd_pull(args) -> int:
@@ -58,6 +69,21 @@ def cmd_models(args) -> int:
     print(f"cache: {falconet_home()}")
     for name, status, desc in list_models():
         print(f"{name:<20} {status:<15} {desc}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    import json
+
+    from falconet.methods.registry import catalogue
+
+    methods = catalogue()
+    if args.json:
+        print(json.dumps([m.as_dict() for m in methods], indent=2))
+        return 0
+    print(f"{'kind':<12} {'name':<22} {'exact':<6} paper")
+    for m in methods:
+        print(f"{m.kind:<12} {m.name:<22} {'yes' if m.exact else 'no':<6} {m.paper}")
     return 0
 
 
@@ -136,6 +162,7 @@ def cmd_serve(args) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
+        draft_model=args.draft_model,
     )
     with bind(args.host, args.port) as sock:  # before loading the model: a taken port fails fast
         engine = build_engine(
@@ -178,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list known and cached models")
     p.set_defaults(func=cmd_models)
 
+    p = sub.add_parser("methods", help="list every method Falconet has (kind, name, paper, exact)")
+    p.add_argument("--json", action="store_true", help="as a JSON list of objects")
+    p.set_defaults(func=cmd_methods)
+
     p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -203,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory-gb", type=float, default=None, help="paged KV cache size (default 1.0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
+        "--draft-model", default=None, help="draft model for requests with speculative=draft-model"
+    )
+    p.add_argument(
         "--shutdown-timeout", type=float, default=5.0, help="seconds in-flight requests get on SIGINT/SIGTERM"
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -227,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     from falconet.bench.serve import add_serve_bench_parser
 
     add_serve_bench_parser(bench)
+    from falconet.bench.spec import add_spec_bench_parser
+
+    add_spec_bench_parser(bench)
     return parser
 
 

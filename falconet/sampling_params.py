@@ -39,6 +39,8 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per generated token; 0 = only the chosen one's
     prompt_logprobs: int | None = None  # the same for each prompt token
     skip_special_tokens: bool = True
+    speculative: str | None = None  # a registered speculative method (`falconet methods`)
+    num_speculative_tokens: int | None = None  # drafts per step; None: the method's default
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -55,6 +57,7 @@ class SamplingParams:
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
             raise FalconetError(f"seed must be None or an integer in [-2**63, 2**63), got {self.seed!r}")
         self._check_counts()
+        self._check_speculative()
         self._check_penalties()
         self._normalise_logit_bias()
         self._normalise_stops()
@@ -68,6 +71,15 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise FalconetError(f"{name} must be None or an integer >= 0, got {value!r}")
+
+    def _check_speculative(self) -> None:
+        if self.speculative is not None:
+            from falconet.methods.registry import SPECULATIVE_METHODS
+
+            SPECULATIVE_METHODS.lookup(self.speculative)  # an unknown name lists the valid ones
+        k = self.num_speculative_tokens
+        if k is not None and (not _is_int(k) or not 0 <= k <= 16):
+            raise FalconetError(f"num_speculative_tokens must be an integer in [0, 16], got {k!r}")
 
     def _check_penalties(self) -> None:
         # Bounded so that dividing or multiplying a logit by it cannot overflow float32.

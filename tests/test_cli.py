@@ -117,3 +117,15 @@ def test_chat_ctrl_c_stops_answer_not_chat(default_gguf):
     assert "Traceback" not in err
     after = out.split("[stopped]", 1)[1]
     assert after.strip(), "no answer to the second question"
+
+
+def test_methods_lists_the_catalogue_as_json():
+    result = run_cli("methods", "--json")
+    assert result.returncode == 0, result.stderr
+    methods = json.loads(result.stdout)
+    assert all(set(m) >= {"kind", "name", "paper", "exact"} for m in methods)
+    speculative = {m["name"]: m for m in methods if m["kind"] == "speculative"}
+    assert {"ngram", "draft-model", "layer-skip"} <= set(speculative)
+    assert all(m["exact"] is True for m in speculative.values())
+    table = run_cli("methods")
+    assert table.returncode == 0 and "ngram" in table.stdout and "SARATHI" in table.stdout

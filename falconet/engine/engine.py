@@ -16,8 +16,10 @@ from falconet.engine.detokenizer import IncrementalDetokenizer
 from falconet.engine.request import Request, RequestStatus
 from falconet.engine.sampler import TokenLogprobs, make_generator, sample_batch, token_logprobs
 from falconet.engine.scheduler import ScheduledBatch, Scheduler
+from falconet.engine.speculator import Speculator
 from falconet.engine.stop import StopChecker
 from falconet.errors import FalconetError
+from falconet.methods.speculative.verifier import verify
 from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import LoadedModel
 from falconet.sampling_params import SamplingParams
@@ -33,6 +35,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb (tests force preemption with it)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    draft_model: str | None = None  # for speculative="draft-model": a model sharing the tokenizer
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -42,9 +45,14 @@ class EngineConfig:
 
 @dataclass
 class StepOutput:
+    """One new token. A speculative request can add several in one step: `index` is the token's
+    place in the request's output and `finish_reason` is set only on its last token."""
+
     request: Request
     new_token_id: int
     text_delta: str
+    index: int = 0
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -61,11 +69,15 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.max_model_len = min(config.max_model_len or self.model.max_positions, self.model.max_positions)
         dtype = self.model.embed_tokens.weight.dtype
-        num_blocks = config.num_kv_blocks or max(
-            1,
-            int(config.kv_cache_memory_gb * 2**30)
-            // PagedKVCache.bytes_per_block(loaded.config, config.block_size, dtype),
-        )
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None:
+            budget_blocks = int(config.kv_cache_memory_gb * 2**30) // PagedKVCache.bytes_per_block(
+                loaded.config, config.block_size, dtype
+            )
+            # The cache is allocated and touched up front: never more than twice what a full batch
+            # of full-length sequences can use (the second half keeps prefixes cached).
+            useful = 2 * config.max_num_seqs * -(-self.max_model_len // config.block_size)
+            num_blocks = max(1, min(budget_blocks, useful))
         self.kv_cache = PagedKVCache(loaded.config, num_blocks, config.block_size, dtype)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # Without chunking, a whole prompt must fit in one step's budget.
@@ -79,6 +91,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             self.eos_ids |= set(self.tokenizer.eos_token_ids)
         self.stats = EngineStats()
+        self.speculator = Speculator(self)
 
     def add_request(
         self,
@@ -109,6 +122,8 @@ class LLMEngine:
             raise FalconetError(f"logit_bias token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise FalconetError("stop strings need a tokenizer")
+        if params.speculative is not None:
+            self.speculator.proposer(params.speculative)  # a method that cannot run fails here
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
@@ -131,16 +146,39 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        self.speculator.set_lookahead(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, sampling = self._run_model(batch)
+        drafts = self.speculator.propose(batch)
+        logits, sampling, verifying = self._run_model(batch, drafts)
         outputs = []
         if sampling:
-            result = sample_batch(logits, sampling)
+            result = sample_batch(logits[: len(sampling)], sampling)
             for i, (req, token) in enumerate(zip(sampling, result.token_ids, strict=True)):
                 self._record_logprob(req, logits[i], token, result.logprobs[i])
                 outputs.append(self._append_token(req, token))
+        for req, draft, rows in verifying:
+            outputs.extend(self._accept_drafts(req, draft, logits[rows]))
+        return outputs
+
+    def _accept_drafts(self, req: Request, draft, logits: torch.Tensor) -> list[StepOutput]:
+        """Verify a request's drafts (logits: its last token's row, then one per draft), roll
+        its KV back to the accepted prefix and append the kept tokens."""
+        verdict = verify(logits, draft, req)
+        req.num_computed -= len(draft.tokens) - verdict.num_accepted  # roll back the rejected drafts
+        self.block_manager.cache_full_blocks(req.block_table, req.all_ids + verdict.tokens, req.num_computed)
+        self.speculator.verified(req, len(draft.tokens), verdict.num_accepted)
+        outputs = []
+        for j, token in enumerate(verdict.tokens):
+            info = None
+            if req.params.logprobs is not None:
+                lp = torch.log_softmax(logits[j], dim=-1)[None]
+                info = token_logprobs(lp, [token], [req.params.logprobs])[0]
+            self._record_logprob(req, logits[j], token, info)
+            outputs.append(self._append_token(req, token))
+            if req.finished:
+                break
         return outputs
 
     @staticmethod
@@ -152,31 +190,45 @@ class LLMEngine:
             # best_of ranks samples by cumulative logprob, asked for or not
             req.cumulative_logprob += float(torch.log_softmax(row, -1)[token])
 
-    def _run_model(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Request]]:
-        """One forward over the batch; logits for the requests that complete this step."""
-        ids, positions, segments, last_rows, sampling = [], [], [], [], []
-        for req, n in zip(batch.requests, batch.num_tokens, strict=True):
+    def _run_model(self, batch: ScheduledBatch, drafts: dict) -> tuple[torch.Tensor | None, list, list]:
+        """One forward over the batch. Logits: first one row per request that samples its next
+        token this step, then, per request verifying drafts, its last token's row and one per
+        draft (`verifying` lists (request, draft, rows))."""
+        ids, positions, segments, last_rows, sampling, spec = [], [], [], [], [], []
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             start = req.num_computed
-            ids.extend(req.all_ids[start : start + n])
+            draft = drafts.get(i)
+            if draft is None:
+                ids.extend(req.all_ids[start : start + n])
+            else:
+                ids.extend(req.all_ids[start:] + draft.tokens)
             positions.extend(range(start, start + n))
-            segments.append(Segment(req.block_table, start, n))
-            if start + n == req.num_tokens:
+            segments.append(Segment(req.block_table, start, n, as_decodes=draft is not None))
+            if draft is not None:
+                spec.append((req, draft, len(ids) - n))
+            elif start + n == req.num_tokens:
                 last_rows.append(len(ids) - 1)
                 sampling.append(req)
         self.kv_cache.begin_step(segments)
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_cache)
         row = 0
-        for req, n in zip(batch.requests, batch.num_tokens, strict=True):
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             if req.params.prompt_logprobs is not None:
                 self._record_prompt_logprobs(req, hidden[row : row + n])
             row += n
             req.num_computed += n
-            self.block_manager.cache_full_blocks(req.block_table, req.all_ids, req.num_computed)
+            if i not in drafts:  # verified requests cache their blocks once the drafts are judged
+                self.block_manager.cache_full_blocks(req.block_table, req.all_ids, req.num_computed)
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += len(ids)
-        if not sampling:
-            return None, []
-        return self.model.compute_logits(hidden[torch.tensor(last_rows)]), sampling
+        verifying, offset = [], len(last_rows)
+        for req, draft, first in spec:
+            last_rows.extend(range(first, first + len(draft.tokens) + 1))
+            verifying.append((req, draft, slice(offset, offset + len(draft.tokens) + 1)))
+            offset += len(draft.tokens) + 1
+        if not last_rows:
+            return None, [], []
+        return self.model.compute_logits(hidden[torch.tensor(last_rows)]), sampling, verifying
 
     def _record_prompt_logprobs(self, req: Request, hidden: torch.Tensor) -> None:
         """Row i of this chunk predicts token start + i + 1: keep those that are prompt tokens
@@ -206,7 +258,7 @@ class LLMEngine:
         req.output_text += delta
         if reason is not None:
             self._finish(req, reason)
-        return StepOutput(req, token, delta)
+        return StepOutput(req, token, delta, len(req.output_ids) - 1, req.finish_reason)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
@@ -219,4 +271,5 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str) -> None:
         self.scheduler.finish(req)
+        self.speculator.release(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason

@@ -39,6 +39,9 @@ class Request:
     logprobs: list = field(default_factory=list)  # TokenLogprobs per output token, if asked
     prompt_logprobs: list = field(default_factory=lambda: [None])  # entry i: prompt token i's
     cumulative_logprob: float = 0.0  # sum of the chosen tokens' logprobs (raw model distribution)
+    num_lookahead: int = 0  # speculative slots wanted next step, beyond the tokens it needs
+    num_preemptions: int = 0  # times its KV cache was freed and recomputed
+    spec_stats: object | None = None  # SpecStats of a speculative request
 
     @property
     def all_ids(self) -> list[int]:

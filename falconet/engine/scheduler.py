@@ -1,12 +1,13 @@
 """Which tokens of which requests the next forward pass computes.
 
-One rule covers prefill, decode and (later) speculative tokens: each request needs the tokens
-it has not computed yet, and a step grants them under a token budget (max_num_batched_tokens)
-and a sequence budget (max_num_seqs). Running decodes are granted first, then unfinished
-prefills, then new requests: Sarathi-Serve's stall-free batching (Agrawal et al., 2024), where
-new prefills fill the budget left over by ongoing decodes and never pause them. With chunked
-prefill on, a prompt larger than the budget left is split into chunks, SARATHI's chunked
-prefill with decode-maximal batching (Agrawal et al., 2023).
+One rule covers prefill, decode and speculative tokens: each request needs the tokens it has
+not computed yet (a speculative request also lookahead slots for its drafts), and a step grants
+them under a token budget (max_num_batched_tokens) and a sequence budget (max_num_seqs).
+Running decodes are granted first, then unfinished prefills, then new requests:
+Sarathi-Serve's stall-free batching (Agrawal et al., 2024), where new prefills fill the budget
+left over by ongoing decodes and never pause them. With chunked prefill on, a prompt larger
+than the budget left is split into chunks, SARATHI's chunked prefill with decode-maximal
+batching (Agrawal et al., 2023).
 
 When the KV cache runs out of blocks, the most recently admitted request is preempted: its
 blocks are freed and it goes back to the front of the queue to be recomputed later (its
@@ -65,6 +66,10 @@ class Scheduler:
             n = self._grant(req, budget)
             if n == 0:
                 continue
+            if n > req.num_tokens - req.num_computed and not self.block_manager.can_grow(
+                req.block_table, req.num_computed + n
+            ):
+                n = req.num_tokens - req.num_computed  # no lookahead rather than a preemption
             while not self.block_manager.can_grow(req.block_table, req.num_computed + n):
                 victim = self._pick_victim(batch, req)
                 self._preempt(victim)
@@ -105,6 +110,10 @@ class Scheduler:
 
     def _grant(self, req: Request, budget: int) -> int:
         need = req.num_tokens - req.num_computed
+        if need == 1 and req.num_lookahead:
+            # A decoding speculative request: its lookahead slots are tokens to compute like
+            # any other, but optional: it takes what budget there is.
+            return min(1 + req.num_lookahead, budget)
         if need <= budget:
             return need
         return budget if self.enable_chunked_prefill else 0
@@ -120,6 +129,7 @@ class Scheduler:
         self.block_manager.free(req.block_table)
         req.block_table, req.num_computed = [], 0
         req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
         self.running.remove(req)
         self.waiting.appendleft(req)
         self.num_preemptions += 1

@@ -46,6 +46,9 @@ class Segment:
     block_table: list[int]
     start: int  # tokens of this sequence already in the cache
     length: int  # new tokens of this sequence in the flattened batch
+    # Attend as one decode row per token (speculative verification): each row's result is then
+    # bitwise what decoding these tokens one step at a time gives.
+    as_decodes: bool = False
 
 
 class PagedKVCache:
@@ -127,8 +130,9 @@ class PagedKVCache:
                 fresh.append((offset, s.length))
             elif s.start == 0:
                 plan.append(("fresh", offset, offset + s.length, self._mask(0, s.length)))
-            elif s.length == 1:
-                decodes.append((offset, s))
+            elif s.length == 1 or s.as_decodes:
+                # Row i sees the first start + i + 1 positions, through the decode kernel.
+                decodes.extend((offset + i, Segment(s.block_table, s.start + i, 1)) for i in range(s.length))
             elif self._packed_prefill:
                 chunks.append((offset, s))
             else:
@@ -206,8 +210,16 @@ class PagedKVCache:
                 keys = torch.cat([self._context(k_cache, i, n, keys=True) for i, n in contexts], dim=1)
                 values = torch.cat([self._context(v_cache, i, n, keys=False) for i, n in contexts], dim=1)
                 self._kernels.prefill_attention_bf16(
-                    q, keys.transpose(0, 1), values.transpose(0, 1), out, starts, lengths,
-                    self.sliding_window or 0, self.head_dim**-0.5, key_starts, key_lengths,
+                    q,
+                    keys.transpose(0, 1),
+                    values.transpose(0, 1),
+                    out,
+                    starts,
+                    lengths,
+                    self.sliding_window or 0,
+                    self.head_dim**-0.5,
+                    key_starts,
+                    key_lengths,
                 )
             elif kind == "paged":
                 rows, tables, lengths = args

@@ -133,10 +133,13 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
-        """Hidden states [T, hidden] for flattened tokens; call `compute_logits` on the rows needed."""
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache, num_layers: int | None = None
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] for flattened tokens; call `compute_logits` on the rows needed.
+        `num_layers` stops after the first layers (then the final norm): layer-skip drafting."""
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x, residual = layer(x, residual, positions, kv_cache)
         return self.norm(x, residual)
 

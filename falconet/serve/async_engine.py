@@ -290,14 +290,15 @@ class AsyncEngine:
                 owner.first_token = now
                 self.metrics.ttft.observe(now - owner.stream.arrival)
             if owner.stream.stream_tokens:
-                logprobs = req.logprobs[-1] if req.params.logprobs is not None else None
+                logprobs = req.logprobs[out.index] if req.params.logprobs is not None else None
                 event = TokenEvent(
-                    owner.prompt, owner.sample, out.new_token_id, out.text_delta, logprobs, req.finish_reason
+                    owner.prompt, owner.sample, out.new_token_id, out.text_delta, logprobs, out.finish_reason
                 )
                 deliveries.append((owner.stream, event))
-            if req.finished:
+            if out.finish_reason is not None:
                 self._retire(req, now, deliveries)
         self.metrics.observe_step(now, len(outputs))
+        self.metrics.observe_speculation(self.engine.speculator.stats)
         self._deliver(deliveries)
 
     def _retire(self, req: Request, now: float, deliveries: list) -> None:

@@ -52,6 +52,22 @@ class ServerMetrics:
         self.rejected = Counter(
             "falconet_requests_rejected", "Requests refused because the queue was full", registry=r
         )
+        self.spec_steps = Counter(
+            "falconet_spec_decode_num_verify_steps", "Target forwards that verified drafts", registry=r
+        )
+        self.spec_drafted = Counter(
+            "falconet_spec_decode_num_draft_tokens", "Draft tokens proposed", registry=r
+        )
+        self.spec_accepted = Counter(
+            "falconet_spec_decode_num_accepted_tokens", "Draft tokens accepted", registry=r
+        )
+        self.spec_accepted_by_position = Counter(
+            "falconet_spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft",
+            ["position"],
+            registry=r,
+        )
+        self._spec_seen = (0, 0, 0, [])  # engine totals already counted
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._recent_tokens = 0
 
@@ -64,6 +80,25 @@ class ServerMetrics:
         while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
             self._recent_tokens -= self._recent.popleft()[1]
         self.tokens_per_s.set(self._recent_tokens / RATE_WINDOW_S)
+
+    def observe_speculation(self, stats) -> None:
+        """Count what the engine's speculative totals (SpecStats) added since the last call."""
+        steps, drafted, accepted, by_position = self._spec_seen
+        if stats.num_steps == steps:
+            return
+        self.spec_steps.inc(stats.num_steps - steps)
+        self.spec_drafted.inc(stats.num_drafted - drafted)
+        self.spec_accepted.inc(stats.num_accepted - accepted)
+        for j, count in enumerate(stats.accepted_by_position):
+            before = by_position[j] if j < len(by_position) else 0
+            if count > before:
+                self.spec_accepted_by_position.labels(position=str(j)).inc(count - before)
+        self._spec_seen = (
+            stats.num_steps,
+            stats.num_drafted,
+            stats.num_accepted,
+            list(stats.accepted_by_position),
+        )
 
     def observe_finished(self, reason: str, arrival: float, first_token: float | None, now: float, n: int):
         """One sequence ended: its latency, and its time per output token after the first."""

@@ -65,6 +65,7 @@ class _SamplingRequest(_Body):
     skip_special_tokens: bool = True
     # Extension: choose a method by name (see falconet.methods.registry).
     speculative: str | None = None
+    num_speculative_tokens: int | None = Field(None, ge=0, le=16)
     decoding_strategy: str | None = None
 
     @property
@@ -92,6 +93,8 @@ class _SamplingRequest(_Body):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            speculative=self.speculative,
+            num_speculative_tokens=self.num_speculative_tokens,
         )
 
     def error_param(self, error: FalconetError) -> str | None:

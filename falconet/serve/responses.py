@@ -27,6 +27,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def with_speculative_metrics(choice: dict, req: Request) -> dict:
+    """Extension field of a speculative request's choice: drafted/accepted tokens, mean accepted
+    length and acceptance rate by draft position (engine/speculator.py, SpecStats)."""
+    if req.params.speculative is not None:
+        stats = req.spec_stats
+        choice["speculative_metrics"] = {
+            "method": req.params.speculative,
+            **(stats.as_dict() if stats else {}),
+        }
+    return choice
+
+
 def _lp(x: float) -> float:
     return x if x >= MIN_LOGPROB else MIN_LOGPROB  # also maps NaN to the floor
 
@@ -100,7 +112,7 @@ class CompletionFormat(_Format):
         }
         if self.logprobs:
             choice["logprobs"] = self._logprobs(req.logprobs, self._text_offsets(req, len(prefix)))
-        return choice
+        return with_speculative_metrics(choice, req)
 
     def _prompt_text(self, ids: list[int], text: str | None) -> str:
         return text if text is not None else self.tokenizer.decode(ids)
@@ -156,13 +168,14 @@ class ChatFormat(_Format):
         return {"content": content}
 
     def choice(self, index: int, req: Request, prompt_text: str | None) -> dict:
-        return {
+        choice = {
             "index": index,
             "message": {"role": "assistant", "content": req.output_text},
             "logprobs": self._logprobs(req.logprobs) if self.top_logprobs is not None else None,
             "finish_reason": req.finish_reason,
             "stop_reason": req.stop_reason,
         }
+        return with_speculative_metrics(choice, req)
 
     def _chunk(self, index: int, delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

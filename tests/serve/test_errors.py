@@ -11,6 +11,7 @@ import pytest
 from live import MODEL, slow_engine_class, start_server, wait_until
 
 from falconet.methods.registry import SPECULATIVE_METHODS
+from falconet.methods.speculative.ngram import NgramProposer
 
 MESSAGES = [{"role": "user", "content": "w5"}]
 
@@ -98,18 +99,24 @@ def test_prompt_longer_than_the_context(client):
 
 
 def test_unknown_method_lists_the_valid_ones(post):
-    body = {"model": MODEL, "prompt": "w5", "max_tokens": 2, "speculative": "eagle"}
+    body = {"model": MODEL, "prompt": "w5", "max_tokens": 2, "speculative": "eagle-x"}
     error = error_of(post("/v1/completions", json=body), 400)
     assert error["param"] == "speculative" and error["code"] == "unknown_method"
-    assert "unknown speculative method 'eagle'" in error["message"] and "valid: none" in error["message"]
+    assert "unknown speculative method 'eagle-x'" in error["message"]
+    assert "valid: " in error["message"] and "ngram" in error["message"]
     chat = {"model": MODEL, "messages": MESSAGES, "decoding_strategy": "beam"}
     error = error_of(post("/v1/chat/completions", json=chat), 400)
     assert "unknown decoding strategy 'beam'" in error["message"]
-    SPECULATIVE_METHODS.register("ngram-test", object())
+    # a method that cannot run here (no draft model given to the server) is a 400 too
+    error = error_of(post("/v1/completions", json={**body, "speculative": "draft-model"}), 400)
+    assert "needs a draft model" in error["message"]
+    SPECULATIVE_METHODS.register("ngram-test", NgramProposer)
     try:
         error = error_of(post("/v1/completions", json=body), 400)
-        assert "valid: ngram-test" in error["message"]
-        assert post("/v1/completions", json={**body, "speculative": "ngram-test"}).status_code == 200
+        assert "ngram-test" in error["message"]
+        reply = post("/v1/completions", json={**body, "speculative": "ngram-test"})
+        assert reply.status_code == 200
+        assert reply.json()["choices"][0]["speculative_metrics"]["method"] == "ngram-test"
     finally:
         SPECULATIVE_METHODS.unregister("ngram-test")
 

@@ -239,3 +239,27 @@ def test_prefix_cache_hit_rate_is_reported(client, server):
     for _ in range(2):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, **GREEDY)
     assert metric(server, "falconet_prefix_cache_hit_rate") > 0
+
+
+def test_speculative_requests_stream_and_report(client, server, llm):
+    """A speculative request (several tokens per step) streams every token once, ends once, and
+    returns the same text as plain decoding; its metrics come back in the response and /metrics."""
+    prompt = "w10 w11 w12 w10 w11 w12 w10 w11 w12 w10 w11"  # repeats: n-gram lookup drafts
+    spec = {"speculative": "ngram", "num_speculative_tokens": 3, "ignore_eos": True}
+    ref = offline(llm, prompt, 24)
+    res = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, extra_body=spec)
+    assert res.choices[0].text == ref.text
+    metrics = res.choices[0].model_extra["speculative_metrics"]  # the extension field
+    assert metrics["method"] == "ngram" and metrics["num_steps"] > 0
+    assert metrics["num_drafted_tokens"] >= metrics["num_accepted_tokens"] > 0
+    before = metric(server, "falconet_spec_decode_num_draft_tokens_total")
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True, extra_body=spec
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+    assert [c.choices[0].finish_reason for c in chunks].count("length") == 1
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert metric(server, "falconet_spec_decode_num_draft_tokens_total") > before
+    assert metric(server, "falconet_spec_decode_num_accepted_tokens_total") > 0

@@ -1,0 +1,117 @@
+"""Speculative decoding inside the engine step: lookahead, proposals, verification, metrics.
+
+The engine asks the Speculator three things per step (see methods/speculative/base.py):
+before scheduling, how many lookahead slots each speculative request wants; after scheduling,
+the drafts for the slots it was granted; after the forward, which drafts the target keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from falconet.errors import FalconetError
+from falconet.methods.registry import SPECULATIVE_METHODS
+from falconet.methods.speculative.base import Draft, Proposer, ProposerError
+
+
+@dataclass
+class SpecStats:
+    """Acceptance counts of one request, or of the whole engine."""
+
+    num_steps: int = 0  # target forwards that verified drafts
+    num_drafted: int = 0
+    num_accepted: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)  # index j: drafts at position j
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.num_steps += 1
+        self.num_drafted += drafted
+        self.num_accepted += accepted
+        for counts, n in ((self.drafted_by_position, drafted), (self.accepted_by_position, accepted)):
+            counts.extend([0] * (n - len(counts)))
+            for j in range(n):
+                counts[j] += 1
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens produced per verifying target forward: accepted drafts plus the target's own."""
+        return (self.num_accepted + self.num_steps) / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
+
+    def as_dict(self) -> dict:
+        by_position = [
+            a / d if d else 0.0
+            for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=False)
+        ]
+        return {
+            "num_steps": self.num_steps,
+            "num_drafted_tokens": self.num_drafted,
+            "num_accepted_tokens": self.num_accepted,
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "acceptance_rate_by_position": [round(r, 4) for r in by_position],
+        }
+
+
+class Speculator:
+    def __init__(self, engine):
+        self.engine = engine
+        self._proposers: dict[str, Proposer] = {}
+        self.stats = SpecStats()
+
+    def proposer(self, name: str) -> Proposer:
+        """The engine's instance of a method, made on first use (a draft model loads then)."""
+        if name not in self._proposers:
+            cls = SPECULATIVE_METHODS.lookup(name)
+            try:
+                self._proposers[name] = cls(self.engine)
+            except ProposerError as e:
+                raise FalconetError(str(e)) from None
+        return self._proposers[name]
+
+    def num_drafts(self, req) -> int:
+        p = req.params
+        k = p.num_speculative_tokens
+        return self.proposer(p.speculative).default_num_tokens if k is None else k
+
+    def set_lookahead(self, requests) -> None:
+        """Lookahead slots for the next step: drafts beyond max_tokens or the context are waste."""
+        limit = self.engine.max_model_len
+        for req in requests:
+            if req.params.speculative is None:
+                continue
+            room = min(req.params.max_tokens - len(req.output_ids) - 1, limit - req.num_tokens)
+            req.num_lookahead = max(0, min(self.num_drafts(req), room))
+
+    def propose(self, batch) -> dict[int, Draft]:
+        """Drafts for the batch's decoding speculative requests (index in the batch -> Draft),
+        at most the slots granted; each request's grant shrinks to what was drafted."""
+        groups: dict[str, list[int]] = {}
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
+            if req.params.speculative is not None and n > 1 and req.num_tokens - req.num_computed == 1:
+                groups.setdefault(req.params.speculative, []).append(i)
+        drafts: dict[int, Draft] = {}
+        for name, rows in groups.items():
+            reqs = [batch.requests[i] for i in rows]
+            made = self.proposer(name).propose(reqs, [batch.num_tokens[i] - 1 for i in rows])
+            for i, draft in zip(rows, made, strict=True):
+                draft.tokens = draft.tokens[: batch.num_tokens[i] - 1]
+                batch.num_tokens[i] = 1 + len(draft.tokens)
+                if draft.tokens:
+                    drafts[i] = draft
+        return drafts
+
+    def verified(self, req, drafted: int, accepted: int) -> None:
+        if req.spec_stats is None:
+            req.spec_stats = SpecStats()
+        req.spec_stats.record(drafted, accepted)
+        self.stats.record(drafted, accepted)
+        self.proposer(req.params.speculative).on_verified(req)
+
+    def release(self, req) -> None:
+        if req.params.speculative is not None and req.params.speculative in self._proposers:
+            self._proposers[req.params.speculative].on_reset(req)

@@ -1,0 +1,16 @@
+from falconet.methods.speculative.ngram import lookup
+
+
+def test_continues_the_latest_match_of_the_longest_ngram():
+    ids = [1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 7, 2, 3]
+    # "2 3" last occurred at 6-7 followed by 4 5 6; the 3-gram "7 2 3" has no earlier match
+    assert lookup(ids, 3, max_n=3, min_n=2) == [4, 5, 6]
+    assert lookup(ids, 10, max_n=3, min_n=2) == [4, 5, 6, 7, 2, 3]  # up to the end of the text
+
+
+def test_longer_ngrams_win_and_short_texts_give_nothing():
+    ids = [5, 1, 2, 8, 0, 1, 2, 9, 5, 0, 1, 2]
+    assert lookup(ids, 2, max_n=3, min_n=2) == [9, 5]  # "0 1 2" beats the later-first "1 2" at 1
+    assert lookup([4], 3, max_n=3, min_n=1) == []
+    assert lookup([1, 2, 3, 4], 3, max_n=3, min_n=1) == []  # no repeat at all
+    assert lookup([7, 7], 3, max_n=3, min_n=1) == [7]
