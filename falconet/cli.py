@@ -87,6 +87,26 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_distill_draft(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from falconet.models.catalog import DEFAULT_MODEL, falconet_home
+    from falconet.train.distill_draft import distill
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = Path(args.model).stem if args.model else DEFAULT_MODEL
+    output = Path(args.output) if args.output else falconet_home() / "drafts" / f"{name}-L{args.layers}"
+    distill(
+        args.model, output, num_layers=args.layers, vocab_size=args.vocab_size, num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    )  # fmt: skip
+    print(f"use it with: --speculative draft-model --draft-model {output}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     params = _sampling(args)
     llm = _llm(args)
@@ -208,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list every method Falconet has (kind, name, paper, exact)")
     p.add_argument("--json", action="store_true", help="as a JSON list of objects")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("distill-draft", help="train a small draft model on the target's own outputs")
+    p.add_argument("--model", "-m", default=None, help="the target (default: smollm2-135m)")
+    p.add_argument("--output", "-o", default=None, help="folder to write (default: under $FALCONET_HOME)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the draft (2-4)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens the draft's head scores")
+    p.add_argument("--num-prompts", type=int, default=512, help="synthetic instructions the target answers")
+    p.add_argument("--max-tokens", type=int, default=128, help="answer length")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_distill_draft)
 
     p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     p.add_argument("prompt")

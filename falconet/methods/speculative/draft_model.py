@@ -33,9 +33,13 @@ class DraftModelProposer(Proposer):
             )
         if isinstance(draft, str) or hasattr(draft, "__fspath__"):
             from falconet.models.loader import load_model
+            from falconet.train.distill_draft import is_distilled_draft, load_draft
 
             dtype = engine.model.embed_tokens.weight.dtype
-            draft = load_model(draft, dtype=dtype, with_tokenizer=False).model
+            if is_distilled_draft(draft):  # made by `falconet distill-draft` for this target
+                draft = load_draft(draft, engine.model, dtype)
+            else:
+                draft = load_model(draft, dtype=dtype, with_tokenizer=False).model
         self.model = draft
         target, mine = engine.model.config, draft.config
         if mine.vocab_size != target.vocab_size:

@@ -27,6 +27,9 @@ def draft_autoregressively(
     (a point mass); sampling requests draw from the temperature/top-k/top-p/min-p shaped
     distribution with the request's own generator, and report it.
     """
+    # A draft with a reduced head (falconet distill-draft) scores only these token ids.
+    vocab = getattr(model, "draft_vocab", None)
+    full_size = model.config.vocab_size
     drafts = [Draft([], [] if not r.params.greedy else None) for r in requests]
     active = [i for i, n in enumerate(max_tokens) if n > 0]
     step = 0
@@ -48,11 +51,15 @@ def draft_autoregressively(
         for row, i in enumerate(active):
             req, draft = requests[i], drafts[i]
             if req.params.greedy:
-                draft.tokens.append(int(logits[row].argmax()))
+                token = int(logits[row].argmax())
+                draft.tokens.append(token if vocab is None else int(vocab[token]))
             else:
-                q = torch.softmax(warp_logits(logits[row : row + 1], [req.params]), dim=-1)
-                draft.tokens.append(int(_draw(q, [req.generator])[0]))
-                draft.probs.append(q[0])
+                q = torch.softmax(warp_logits(logits[row : row + 1], [req.params]), dim=-1)[0]
+                token = int(_draw(q[None], [req.generator])[0])
+                if vocab is not None:  # q over the whole vocabulary: zero outside the draft's
+                    token, q = int(vocab[token]), torch.zeros(full_size).index_copy_(0, vocab, q)
+                draft.tokens.append(token)
+                draft.probs.append(q)
         step += 1
         active = [i for i in active if len(drafts[i].tokens) < max_tokens[i]]
     for d in drafts:

@@ -1,0 +1,1 @@
+"""Training of the small components some methods need (drafts, heads), on the target's outputs."""

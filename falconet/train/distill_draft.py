@@ -1,0 +1,268 @@
+"""`falconet distill-draft`: a small draft model trained on the target's own outputs.
+
+Distillation for speculative decoding (DistillSpec, Zhou et al., 2024): a draft agrees with the
+target more often when it is trained on what the target says rather than on generic text. The
+recipe here, sized for a 2-core CPU:
+1. the target answers synthetic instructions (falconet/train/prompts.py), greedily, with our
+   own engine;
+2. the draft is the target's first L decoder layers (copied as a starting point), its final norm
+   and an LM head over the V' tokens the target used most in those answers, initialised from the
+   target's output embeddings. It shares the target's input embeddings, so they are not stored.
+   A reduced vocabulary keeps drafting cheap: with the full 49k-token head a 2-layer draft of
+   SmolLM2-135M costs about a quarter of the target per token, with 8k about a tenth;
+3. the layers, the norm and the head are trained with cross-entropy on the target's tokens
+   (answer positions only; tokens outside the draft vocabulary are skipped), AdamW, bf16
+   autocast.
+
+Saved as a folder: falconet_draft.json (what it is), config.json (our ModelConfig) and
+model.safetensors (our parameter names, plus `draft_vocab`, the full-vocabulary id of each head
+row). `falconet.methods.speculative.draft_model` loads it with --draft-model PATH.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from falconet.config import ModelConfig
+from falconet.errors import FalconetError
+from falconet.models.linear import Linear
+from falconet.models.llama import LlamaForCausalLM
+
+MARKER = "falconet_draft.json"
+
+
+@dataclasses.dataclass
+class Example:
+    ids: list[int]  # prompt + answer
+    answer_start: int  # index of the first answer token
+
+
+def collect_outputs(llm, prompts: list[str], max_tokens: int, temperature: float = 0.0) -> list[Example]:
+    """The target's answers to `prompts` (chat template applied), batched through the engine."""
+    from falconet.sampling_params import SamplingParams
+
+    encoded = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=0)
+    outputs = llm.generate(encoded, params)
+    return [Example(ids + out.token_ids, len(ids)) for ids, out in zip(encoded, outputs, strict=True)]
+
+
+def draft_vocabulary(examples: list[Example], size: int, vocab_size: int, always: list[int]) -> torch.Tensor:
+    """The `size` most frequent answer tokens (plus `always`, e.g. EOS), sorted by id."""
+    counts = Counter(t for e in examples for t in e.ids[e.answer_start :])
+    chosen = set(always)
+    for token, _ in counts.most_common():
+        if len(chosen) >= size:
+            break
+        chosen.add(token)
+    for token in range(vocab_size):  # fill up (tiny corpora) with the lowest ids not chosen
+        if len(chosen) >= size:
+            break
+        chosen.add(token)
+    return torch.tensor(sorted(chosen)[:size], dtype=torch.long)
+
+
+def build_draft(target: LlamaForCausalLM, num_layers: int, vocab: torch.Tensor) -> LlamaForCausalLM:
+    """The target's first `num_layers` layers, its norm and a head over `vocab` (float32)."""
+    config = dataclasses.replace(target.config, num_layers=num_layers, tie_word_embeddings=False)
+    draft = _skeleton(config, len(vocab))
+    draft.embed_tokens = target.embed_tokens  # shared, frozen
+    with torch.no_grad():
+        for mine, theirs in zip(draft.layers, target.layers, strict=False):
+            mine.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
+        draft.norm.weight.copy_(target.norm.weight.float())
+        draft.lm_head.weight.copy_(target.lm_head.weight[vocab].float())
+    draft.draft_vocab = vocab
+    return draft
+
+
+def _skeleton(config: ModelConfig, head_size: int) -> LlamaForCausalLM:
+    """Built with a 1-token vocabulary (the caller gives it the target's embeddings) and a
+    reduced head: no full-size tensors are allocated for nothing."""
+    draft = LlamaForCausalLM(dataclasses.replace(config, vocab_size=1, tie_word_embeddings=False))
+    draft.config = config
+    draft.lm_head = Linear(config.hidden_size, head_size, bias=False)
+    return draft
+
+
+def _rms(norm, x: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    return norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+
+def train_forward(draft: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """Differentiable forward over [B, S] token ids (causal, no KV cache): head logits [B, S, V']."""
+    b, s = ids.shape
+    x = F.embedding(ids, draft.embed_tokens.weight.detach()).float()
+    positions = torch.arange(s).repeat(b)
+    for layer in draft.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        h = _rms(layer.input_layernorm, x).reshape(b * s, -1)
+        q, k, v = attn.qkv_proj(h).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q = q.reshape(b * s, attn.num_heads, attn.head_dim)
+        k = k.reshape(b * s, attn.num_kv_heads, attn.head_dim)
+        v = v.reshape(b * s, attn.num_kv_heads, attn.head_dim)
+        q, k = attn.rope(positions, q, k)
+        heads = (t.view(b, s, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(*heads, is_causal=True, enable_gqa=True)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(b * s, attn.q_size)).view(b, s, -1).float()
+        h = _rms(layer.post_attention_layernorm, x).reshape(b * s, -1)
+        gate, up = mlp.gate_up_proj(h).split(mlp.intermediate, dim=-1)
+        x = x + mlp.down_proj(F.silu(gate) * up).view(b, s, -1).float()
+    return draft.lm_head(_rms(draft.norm, x))
+
+
+def _batch(examples: list[Example], index_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e.ids) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        row = torch.tensor(e.ids)
+        ids[i, : len(row)] = row
+        # position t predicts token t + 1: learn only the answer's tokens
+        targets = index_of[row[e.answer_start :]]
+        labels[i, e.answer_start - 1 : len(row) - 1] = targets
+    return ids, labels
+
+
+def train_draft(
+    draft: LlamaForCausalLM,
+    examples: list[Example],
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    seed: int = 0,
+    log=print,
+) -> list[float]:
+    """Cross-entropy on the target's answer tokens; returns the loss of every step."""
+    vocab = draft.draft_vocab
+    index_of = torch.full((draft.config.vocab_size,), -100, dtype=torch.long)
+    index_of[vocab] = torch.arange(len(vocab))
+    params = [p for name, p in draft.named_parameters() if not name.startswith("embed_tokens")]
+    for p in draft.embed_tokens.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses = []
+    draft.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        picked, order = order[:batch_size], order[batch_size:]
+        ids, labels = _batch([examples[i] for i in picked], index_of)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = train_forward(draft, ids)
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if log and (step % 25 == 0 or step == steps - 1):
+            log(f"step {step + 1}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
+    draft.eval()
+    return losses
+
+
+def save_draft(draft: LlamaForCausalLM, path: Path, info: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        n: p.detach().contiguous() for n, p in draft.named_parameters() if not n.startswith("embed_tokens")
+    }
+    tensors["draft_vocab"] = draft.draft_vocab
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(dataclasses.asdict(draft.config), indent=1))
+    (path / MARKER).write_text(json.dumps({"format": 1, **info}, indent=1))
+
+
+def is_distilled_draft(path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def load_draft(path, target: LlamaForCausalLM, dtype: torch.dtype) -> LlamaForCausalLM:
+    """A draft saved by `save_draft`, sharing `target`'s embeddings, in `dtype`."""
+    path = Path(path)
+    try:
+        config = ModelConfig(**json.loads((path / "config.json").read_text()))
+        tensors = load_file(str(path / "model.safetensors"))
+    except (OSError, ValueError, TypeError) as e:
+        raise FalconetError(f"{path}: not a readable falconet draft ({e})") from None
+    if config.vocab_size != target.config.vocab_size or config.hidden_size != target.config.hidden_size:
+        raise FalconetError(f"{path}: this draft was made for another model (vocabulary or width differs)")
+    vocab = tensors.pop("draft_vocab")
+    draft = _skeleton(config, len(vocab))
+    missing, unexpected = draft.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if not m.startswith("embed_tokens")]
+    if missing or unexpected:
+        raise FalconetError(f"{path}: weights do not fit its config (missing {missing}, extra {unexpected})")
+    draft.to(dtype)
+    # After .to(): the shared embedding table stays the target's, and so do the rope tables,
+    # which stay float32 (the fused RoPE kernel wants them so).
+    draft.embed_tokens = target.embed_tokens
+    for layer in draft.layers:
+        layer.self_attn.rope = target.layers[0].self_attn.rope
+    draft.max_positions = target.max_positions
+    draft.draft_vocab = vocab
+    return draft.eval()
+
+
+def distill(
+    target_spec: str | None,
+    output: Path,
+    num_layers: int = 2,
+    vocab_size: int = 8192,
+    num_prompts: int = 512,
+    max_tokens: int = 128,
+    steps: int = 400,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    log=print,
+) -> dict:
+    """The whole recipe; returns what it measured (times, final loss)."""
+    from falconet.api import LLM
+    from falconet.models.loader import load_model
+    from falconet.train.prompts import synthetic_prompts
+
+    t0 = time.perf_counter()
+    llm = LLM(target_spec, dtype="bfloat16", max_num_seqs=32)
+    prompts = synthetic_prompts(num_prompts, seed=0)
+    log(f"collecting the target's answers to {len(prompts)} prompts ({max_tokens} tokens each)...")
+    examples = collect_outputs(llm, prompts, max_tokens)
+    t_collect = time.perf_counter() - t0
+    eos = list(llm.engine.eos_ids)
+    del llm
+    target = load_model(target_spec, dtype=torch.float32, with_tokenizer=False).model
+    full = target.config.vocab_size
+    vocab = draft_vocabulary(examples, min(vocab_size, full), full, eos)
+    draft = build_draft(target, num_layers, vocab)
+    log(f"training a {num_layers}-layer draft (vocabulary {len(vocab)}) for {steps} steps...")
+    t1 = time.perf_counter()
+    losses = train_draft(draft, examples, steps, batch_size, lr, log=log)
+    t_train = time.perf_counter() - t1
+    info = {
+        "target": str(target_spec or "smollm2-135m"), "num_layers": num_layers,
+        "draft_vocab_size": len(vocab),
+        "num_prompts": num_prompts, "max_tokens": max_tokens, "steps": steps, "batch_size": batch_size,
+        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "collect_s": round(t_collect, 1),
+        "train_s": round(t_train, 1),
+    }  # fmt: skip
+    save_draft(draft, output, info)
+    log(f"saved {output} ({info})")
+    return info
