@@ -92,13 +92,12 @@ def cmd_distill_draft(args) -> int:
 
     import torch
 
-    from falconet.models.catalog import DEFAULT_MODEL, falconet_home
-    from falconet.train.distill_draft import distill
+    from falconet.models.catalog import resolve
+    from falconet.train.distill_draft import default_draft_path, distill
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = Path(args.model).stem if args.model else DEFAULT_MODEL
-    output = Path(args.output) if args.output else falconet_home() / "drafts" / f"{name}-L{args.layers}"
+    output = Path(args.output) if args.output else default_draft_path(resolve(args.model), args.layers)
     distill(
         args.model, output, num_layers=args.layers, vocab_size=args.vocab_size, num_prompts=args.num_prompts,
         max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -234,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, help="folder to write (default: under $FALCONET_HOME)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the draft (2-4)")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokens the draft's head scores")
-    p.add_argument("--num-prompts", type=int, default=512, help="synthetic instructions the target answers")
+    p.add_argument("--num-prompts", type=int, default=4096, help="synthetic instructions the target answers")
     p.add_argument("--max-tokens", type=int, default=128, help="answer length")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=None)

@@ -67,6 +67,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        self.model_path = loaded.path
         self.max_model_len = min(config.max_model_len or self.model.max_positions, self.model.max_positions)
         dtype = self.model.embed_tokens.weight.dtype
         num_blocks = config.num_kv_blocks

@@ -192,6 +192,13 @@ def save_draft(draft: LlamaForCausalLM, path: Path, info: dict) -> None:
     (path / MARKER).write_text(json.dumps({"format": 1, **info}, indent=1))
 
 
+def default_draft_path(model_path, num_layers: int = 2) -> Path:
+    """Where `falconet distill-draft` saves a draft for a model by default (and draft-model looks)."""
+    from falconet.models.catalog import falconet_home
+
+    return falconet_home() / "drafts" / f"{Path(model_path).stem}-L{num_layers}"
+
+
 def is_distilled_draft(path) -> bool:
     return (Path(path) / MARKER).is_file()
 
@@ -228,9 +235,9 @@ def distill(
     output: Path,
     num_layers: int = 2,
     vocab_size: int = 8192,
-    num_prompts: int = 512,
+    num_prompts: int = 4096,
     max_tokens: int = 128,
-    steps: int = 400,
+    steps: int = 600,
     batch_size: int = 16,
     lr: float = 5e-4,
     log=print,

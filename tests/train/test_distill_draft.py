@@ -92,3 +92,21 @@ def test_a_draft_for_another_model_is_refused(tiny, tiny_llama64_dir, tmp_path):
     save_draft(draft, tmp_path / "other", {})
     with pytest.raises(FalconetError, match="another model"):
         load_draft(tmp_path / "other", tiny.model, torch.float32)
+
+
+def test_draft_model_finds_a_distilled_draft_in_the_default_place(
+    tiny, tiny_llama_dir, tmp_path, monkeypatch
+):
+    from falconet.train.distill_draft import default_draft_path
+
+    monkeypatch.setenv("FALCONET_HOME", str(tmp_path))
+    engine = LLMEngine(tiny, EngineConfig())
+    params = SamplingParams(max_tokens=4, temperature=0, speculative="draft-model")
+    with pytest.raises(FalconetError, match="falconet distill-draft"):
+        engine.add_request([1, 2, 3], params)
+    save_draft(build_draft(tiny.model, 1, torch.arange(40)), default_draft_path(tiny_llama_dir), {})
+    engine = LLMEngine(tiny, EngineConfig())
+    engine.add_request([1, 2, 3], params)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.speculator.stats.num_steps > 0

@@ -26,11 +26,16 @@ class DraftModelProposer(Proposer):
         super().__init__(engine)
         draft = draft if draft is not None else engine.config.draft_model
         if draft is None:
-            raise ProposerError(
-                f"speculative method {self.name!r} needs a draft model: pass draft_model= to LLM "
-                "(--draft-model on the command line), a model that shares the target's tokenizer, "
-                "for instance one trained by `falconet distill-draft`"
-            )
+            from falconet.train.distill_draft import default_draft_path, is_distilled_draft
+
+            found = default_draft_path(engine.model_path)
+            if not is_distilled_draft(found):
+                raise ProposerError(
+                    f"speculative method {self.name!r} needs a draft model: pass draft_model= to LLM "
+                    "(--draft-model on the command line), a model that shares the target's tokenizer, "
+                    f"or run `falconet distill-draft` to train one (it is then found at {found})"
+                )
+            draft = found
         if isinstance(draft, str) or hasattr(draft, "__fspath__"):
             from falconet.models.loader import load_model
             from falconet.train.distill_draft import is_distilled_draft, load_draft
