@@ -57,6 +57,14 @@ class SpecStats:
         }
 
 
+def metrics_of(req) -> dict | None:
+    """A speculative request's metrics as the API returns them (None for other requests)."""
+    if req.params.speculative is None:
+        return None
+    stats = req.spec_stats.as_dict() if req.spec_stats is not None else {}
+    return {"method": req.params.speculative, **stats}
+
+
 class Speculator:
     def __init__(self, engine):
         self.engine = engine

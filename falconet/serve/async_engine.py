@@ -25,6 +25,7 @@ from falconet.engine.engine import LLMEngine
 from falconet.engine.group import submit_group
 from falconet.engine.request import Request
 from falconet.engine.sampler import TokenLogprobs
+from falconet.engine.speculator import metrics_of
 from falconet.errors import FalconetError
 from falconet.sampling_params import SamplingParams
 from falconet.serve.metrics import ServerMetrics
@@ -61,6 +62,7 @@ class TokenEvent:
     text: str  # the text this token completes (may be "", held back)
     logprobs: TokenLogprobs | None
     finish_reason: str | None  # set on the sample's last event
+    speculative_metrics: dict | None = None  # on a speculative sample's last event
 
 
 _END = object()  # queued after the last event of a submission
@@ -291,9 +293,11 @@ class AsyncEngine:
                 self.metrics.ttft.observe(now - owner.stream.arrival)
             if owner.stream.stream_tokens:
                 logprobs = req.logprobs[out.index] if req.params.logprobs is not None else None
+                metrics = metrics_of(req) if out.finish_reason is not None else None
                 event = TokenEvent(
-                    owner.prompt, owner.sample, out.new_token_id, out.text_delta, logprobs, out.finish_reason
-                )
+                    owner.prompt, owner.sample, out.new_token_id, out.text_delta, logprobs, out.finish_reason,
+                    speculative_metrics=metrics,
+                )  # fmt: skip
                 deliveries.append((owner.stream, event))
             if out.finish_reason is not None:
                 self._retire(req, now, deliveries)

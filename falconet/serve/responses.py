@@ -14,6 +14,7 @@ from falconet.engine.detokenizer import IncrementalDetokenizer
 from falconet.engine.group import returned_samples
 from falconet.engine.request import Request
 from falconet.engine.sampler import TokenLogprobs
+from falconet.engine.speculator import metrics_of
 from falconet.serve.async_engine import RequestStream, TokenEvent
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf: the floor vLLM uses too
@@ -27,15 +28,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def with_speculative_metrics(choice: dict, req: Request) -> dict:
-    """Extension field of a speculative request's choice: drafted/accepted tokens, mean accepted
-    length and acceptance rate by draft position (engine/speculator.py, SpecStats)."""
-    if req.params.speculative is not None:
-        stats = req.spec_stats
-        choice["speculative_metrics"] = {
-            "method": req.params.speculative,
-            **(stats.as_dict() if stats else {}),
-        }
+def with_speculative_metrics(choice: dict, metrics: dict | None) -> dict:
+    """Extension field of a speculative request's choice (its last chunk when streaming):
+    drafted/accepted tokens, mean accepted length, acceptance rate by draft position."""
+    if metrics is not None:
+        choice["speculative_metrics"] = metrics
     return choice
 
 
@@ -112,7 +109,7 @@ class CompletionFormat(_Format):
         }
         if self.logprobs:
             choice["logprobs"] = self._logprobs(req.logprobs, self._text_offsets(req, len(prefix)))
-        return with_speculative_metrics(choice, req)
+        return with_speculative_metrics(choice, metrics_of(req))
 
     def _prompt_text(self, ids: list[int], text: str | None) -> str:
         return text if text is not None else self.tokenizer.decode(ids)
@@ -143,7 +140,9 @@ class CompletionFormat(_Format):
         offset = self._offsets.get(index, 0)
         self._offsets[index] = offset + len(event.text)
         logprobs = self._logprobs([event.logprobs], [offset]) if with_logprobs else None
-        return self._chunk(index, event.text, logprobs, event.finish_reason)
+        chunk = self._chunk(index, event.text, logprobs, event.finish_reason)
+        with_speculative_metrics(chunk["choices"][0], event.speculative_metrics)
+        return chunk
 
 
 class ChatFormat(_Format):
@@ -175,7 +174,7 @@ class ChatFormat(_Format):
             "finish_reason": req.finish_reason,
             "stop_reason": req.stop_reason,
         }
-        return with_speculative_metrics(choice, req)
+        return with_speculative_metrics(choice, metrics_of(req))
 
     def _chunk(self, index: int, delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -194,4 +193,6 @@ class ChatFormat(_Format):
             return None
         logprobs = self._logprobs([event.logprobs]) if with_logprobs else None
         delta = {"content": event.text} if event.text or event.finish_reason is None else {}
-        return self._chunk(event.prompt * self.n + event.sample, delta, logprobs, event.finish_reason)
+        chunk = self._chunk(event.prompt * self.n + event.sample, delta, logprobs, event.finish_reason)
+        with_speculative_metrics(chunk["choices"][0], event.speculative_metrics)
+        return chunk

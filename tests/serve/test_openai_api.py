@@ -261,5 +261,6 @@ def test_speculative_requests_stream_and_report(client, server, llm):
     assert "".join(c.choices[0].text for c in chunks) == ref.text
     assert [c.choices[0].finish_reason for c in chunks].count("length") == 1
     assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices[0].model_extra["speculative_metrics"] == metrics  # same greedy run
     assert metric(server, "falconet_spec_decode_num_draft_tokens_total") > before
     assert metric(server, "falconet_spec_decode_num_accepted_tokens_total") > 0
