@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from falconet.errors import FalconetError
@@ -28,6 +29,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--speculative", default=None, help="speculative method (see `falconet methods`)")
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="drafts per step")
     p.add_argument("--draft-model", default=None, help="draft model for --speculative draft-model")
+    p.add_argument(
+        "--draft-head", default=None, help="EAGLE head for --speculative eagle (falconet train-head)"
+    )
 
 
 def _sampling(args):
@@ -53,6 +57,7 @@ def _llm(args):
         max_model_len=args.max_model_len,
         max_num_seqs=1,
         draft_model=args.draft_model,
+        draft_head=args.draft_head,
     )
 
 
@@ -101,8 +106,31 @@ def cmd_distill_draft(args) -> int:
     distill(
         args.model, output, num_layers=args.layers, vocab_size=args.vocab_size, num_prompts=args.num_prompts,
         max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        log=functools.partial(print, flush=True),
     )  # fmt: skip
     print(f"use it with: --speculative draft-model --draft-model {output}")
+    return 0
+
+
+def cmd_train_head(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from falconet.methods.speculative.eagle import default_head_path
+    from falconet.models.catalog import resolve
+    from falconet.train.train_head import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = Path(args.output) if args.output else default_head_path(resolve(args.model))
+    train(
+        args.model, output, vocab_size=args.vocab_size, num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        data=Path(args.data) if args.data else None, unroll=args.unroll,
+        log=functools.partial(print, flush=True),
+    )  # fmt: skip
+    print(f"use it with: --speculative eagle --draft-head {output}")
     return 0
 
 
@@ -182,6 +210,7 @@ def cmd_serve(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         draft_model=args.draft_model,
+        draft_head=args.draft_head,
     )
     with bind(args.host, args.port) as sock:  # before loading the model: a taken port fails fast
         engine = build_engine(
@@ -241,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_distill_draft)
 
+    p = sub.add_parser("train-head", help="train an EAGLE draft head on the target's own features")
+    p.add_argument("--model", "-m", default=None, help="the target (default: smollm2-135m)")
+    p.add_argument("--output", "-o", default=None, help="folder to write (default: under $FALCONET_HOME)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens the head scores")
+    p.add_argument("--num-prompts", type=int, default=4096, help="synthetic instructions the target answers")
+    p.add_argument("--max-tokens", type=int, default=128, help="answer length")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--data", default=None, help="file keeping the collected answers and features (reused)")
+    p.add_argument(
+        "--unroll", type=int, default=1, help="drafting steps simulated in training (training-time test)"
+    )
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_train_head)
+
     p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -268,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--draft-model", default=None, help="draft model for requests with speculative=draft-model"
     )
+    p.add_argument("--draft-head", default=None, help="EAGLE head for requests with speculative=eagle")
     p.add_argument(
         "--shutdown-timeout", type=float, default=5.0, help="seconds in-flight requests get on SIGINT/SIGTERM"
     )

@@ -68,3 +68,26 @@ def built_kernels():
     from falconet.kernels import cpu_kernels
 
     return cpu_kernels()
+
+
+@pytest.fixture(scope="session")
+def tiny_eagle_head_dir(tiny_llama_dir, tmp_path_factory):
+    """An EAGLE head for the tiny Llama, briefly trained on its greedy answers to random prompts
+    (some drafts are kept, some rejected: both paths of verification run)."""
+    import random
+
+    from falconet.methods.speculative.eagle import EagleHead, save_head
+    from falconet.models.loader import load_model
+    from falconet.train.distill_draft import draft_vocabulary
+    from falconet.train.train_head import collect_features, train_head
+
+    loaded = load_model(tiny_llama_dir, with_tokenizer=False)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(97) for _ in range(rng.randint(4, 12))] for _ in range(32)]
+    examples = collect_features(loaded, prompts, 24)
+    head = EagleHead(loaded.model, draft_vocabulary(examples, 64, 97, always=[2]))
+    head.init_from_target()
+    train_head(head, examples, steps=60, batch_size=16, lr=3e-3, log=None)
+    path = tmp_path_factory.mktemp("tiny-eagle")
+    save_head(head, path, {"note": "test"})
+    return path

@@ -204,7 +204,9 @@ def cmd_bench_spec(args) -> int:
         SPECULATIVE_METHODS.lookup(m)
     temperatures = [float(t) for t in args.temperatures.split(",")]
     items = load_prompts(Path(args.dataset) if args.dataset else DATA, args.per_category)
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=1, draft_model=args.draft_model)
+    llm = LLM(
+        args.model, dtype=args.dtype, max_num_seqs=1, draft_model=args.draft_model, draft_head=args.draft_head
+    )
     # warm-up: every method once (a draft model loads, kernels settle)
     from falconet.sampling_params import SamplingParams
 
@@ -237,6 +239,7 @@ def add_spec_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", default="ngram,layer-skip", help="comma-separated speculative methods")
     p.add_argument("--draft-model", default=None, help="draft model for the draft-model method")
+    p.add_argument("--draft-head", default=None, help="EAGLE head for the eagle method (falconet train-head)")
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: each method's own")
     p.add_argument("--temperatures", default="0,1", help="comma-separated; 0 is greedy")
     p.add_argument("--runs", type=int, default=3)

@@ -61,6 +61,11 @@ class BlockManager:
     def ref_count(self, block_id: int) -> int:
         return self._ref[block_id]
 
+    def content_id(self, block_id: int) -> int:
+        """An id naming the full token prefix a computed block holds (never reused once the block
+        is evicted and refilled), or -1 if it has none (not full, or prefix caching is off)."""
+        return self._kid[block_id]
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -36,6 +36,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     draft_model: str | None = None  # for speculative="draft-model": a model sharing the tokenizer
+    draft_head: str | None = None  # for speculative="eagle": a head made by `falconet train-head`
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -93,6 +94,10 @@ class LLMEngine:
             self.eos_ids |= set(self.tokenizer.eos_token_ids)
         self.stats = EngineStats()
         self.speculator = Speculator(self)
+        self.scheduler.usable_prefix = self.speculator.usable_prefix
+        # Called as tap(request, start, hidden_rows) with the final hidden states of the positions
+        # each request computed in a step (feature-level drafters; train-head's collection).
+        self.hidden_taps = [self.speculator.observe]
 
     def add_request(
         self,
@@ -216,6 +221,8 @@ class LLMEngine:
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             if req.params.prompt_logprobs is not None:
                 self._record_prompt_logprobs(req, hidden[row : row + n])
+            for tap in self.hidden_taps:
+                tap(req, req.num_computed, hidden[row : row + n])
             row += n
             req.num_computed += n
             if i not in drafts:  # verified requests cache their blocks once the drafts are judged

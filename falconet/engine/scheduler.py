@@ -47,6 +47,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in order of admission
         self.num_preemptions = 0
+        # (request, matched prefix blocks) -> how many of them it may use (the engine's speculator
+        # limits feature-level drafters to blocks their own cache holds).
+        self.usable_prefix = lambda req, blocks: len(blocks)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -90,6 +93,11 @@ class Scheduler:
                 # Recorded in the hit rate only once admitted: a request that waits for blocks
                 # looks its prefix up again at every step.
                 req.block_table, req.num_computed = self.block_manager.match_prefix(req.all_ids, record=False)
+                usable = self.usable_prefix(req, req.block_table)
+                if usable < len(req.block_table):  # e.g. a drafter has no state for the rest
+                    self.block_manager.free(req.block_table[usable:])
+                    del req.block_table[usable:]
+                    req.num_computed = usable * self.block_manager.block_size
             n = self._grant(req, budget)
             if n == 0 or not self.block_manager.can_grow(req.block_table, req.num_computed + n):
                 # Hand back the prefix blocks it matched: a waiting request must not pin blocks

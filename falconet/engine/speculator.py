@@ -113,6 +113,22 @@ class Speculator:
                     drafts[i] = draft
         return drafts
 
+    def usable_prefix(self, req, blocks: list[int]) -> int:
+        """How many of a request's prefix-cache hits it may use: all, unless its proposer keeps
+        per-block state of its own (an EAGLE head's cache entries) that some blocks lack."""
+        if req.params.speculative is not None:
+            proposer = self.proposer(req.params.speculative)
+            if proposer.uses_hidden_states:
+                return proposer.usable_prefix(blocks)
+        return len(blocks)
+
+    def observe(self, req, start: int, hidden) -> None:
+        """An engine hidden-state tap: feature-level proposers see their requests' rows."""
+        if req.params.speculative is not None:
+            proposer = self.proposer(req.params.speculative)
+            if proposer.uses_hidden_states:
+                proposer.observe(req, start, hidden)
+
     def verified(self, req, drafted: int, accepted: int) -> None:
         if req.spec_stats is None:
             req.spec_stats = SpecStats()

@@ -56,10 +56,11 @@ class Registry:
 
 def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.draft_model import DraftModelProposer
+    from falconet.methods.speculative.eagle import EagleProposer
     from falconet.methods.speculative.layer_skip import LayerSkipProposer
     from falconet.methods.speculative.ngram import NgramProposer
 
-    for cls in (NgramProposer, DraftModelProposer, LayerSkipProposer):
+    for cls in (NgramProposer, DraftModelProposer, LayerSkipProposer, EagleProposer):
         registry._entries[cls.name] = cls
 
 

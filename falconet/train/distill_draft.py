@@ -22,7 +22,6 @@ row). `falconet.methods.speculative.draft_model` loads it with --draft-model PAT
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -31,10 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from falconet.config import ModelConfig
 from falconet.errors import FalconetError
+from falconet.methods.speculative.artifacts import read_artifact, save_artifact
 from falconet.models.linear import Linear
 from falconet.models.llama import LlamaForCausalLM
 
@@ -102,24 +101,43 @@ def _rms(norm, x: torch.Tensor) -> torch.Tensor:
 
 def train_forward(draft: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     """Differentiable forward over [B, S] token ids (causal, no KV cache): head logits [B, S, V']."""
-    b, s = ids.shape
     x = F.embedding(ids, draft.embed_tokens.weight.detach()).float()
-    positions = torch.arange(s).repeat(b)
     for layer in draft.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        h = _rms(layer.input_layernorm, x).reshape(b * s, -1)
-        q, k, v = attn.qkv_proj(h).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q = q.reshape(b * s, attn.num_heads, attn.head_dim)
-        k = k.reshape(b * s, attn.num_kv_heads, attn.head_dim)
-        v = v.reshape(b * s, attn.num_kv_heads, attn.head_dim)
-        q, k = attn.rope(positions, q, k)
-        heads = (t.view(b, s, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(*heads, is_causal=True, enable_gqa=True)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(b * s, attn.q_size)).view(b, s, -1).float()
-        h = _rms(layer.post_attention_layernorm, x).reshape(b * s, -1)
-        gate, up = mlp.gate_up_proj(h).split(mlp.intermediate, dim=-1)
-        x = x + mlp.down_proj(F.silu(gate) * up).view(b, s, -1).float()
+        x, _ = train_layer_forward(layer, x)
     return draft.lm_head(_rms(draft.norm, x))
+
+
+def train_layer_forward(layer, x: torch.Tensor, context: list | None = None):
+    """One decoder layer, differentiable, over a [B, S, hidden] float32 residual stream (causal
+    attention within each row, positions 0..S-1, no KV cache). Returns (output, (keys, values)).
+
+    `context`: the (keys, values) of earlier passes over the same positions, for EAGLE-style
+    training-time test. Pass m (m - 1 earlier passes) models drafting step m: its query at t sees
+    the first pass's entries up to t - m + 1 (real features), then pass i's entry at t - m + i."""
+    b, s, _ = x.shape
+    attn, mlp = layer.self_attn, layer.mlp
+    positions = torch.arange(s).repeat(b)
+    h = _rms(layer.input_layernorm, x).reshape(b * s, -1)
+    q, k, v = attn.qkv_proj(h).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q = q.reshape(b * s, attn.num_heads, attn.head_dim)
+    k = k.reshape(b * s, attn.num_kv_heads, attn.head_dim)
+    v = v.reshape(b * s, attn.num_kv_heads, attn.head_dim)
+    q, k = attn.rope(positions, q, k)
+    q, k, v = (t.view(b, s, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    if not context:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        m = len(context) + 1
+        keys = torch.cat([c[0] for c in context] + [k], dim=2)
+        values = torch.cat([c[1] for c in context] + [v], dim=2)
+        ones = torch.ones(s, s, dtype=torch.bool)
+        mask = [torch.tril(ones, -(m - 1))]
+        mask += [torch.tril(ones, i - m) & torch.triu(ones, i - m) for i in range(2, m + 1)]  # j == t - m + i
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=torch.cat(mask, dim=1), enable_gqa=True)
+    x = x + attn.o_proj(o.transpose(1, 2).reshape(b * s, attn.q_size)).view(b, s, -1).float()
+    h = _rms(layer.post_attention_layernorm, x).reshape(b * s, -1)
+    gate, up = mlp.gate_up_proj(h).split(mlp.intermediate, dim=-1)
+    return x + mlp.down_proj(F.silu(gate) * up).view(b, s, -1).float(), (k, v)
 
 
 def _batch(examples: list[Example], index_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,24 +169,43 @@ def train_draft(
     params = [p for name, p in draft.named_parameters() if not name.startswith("embed_tokens")]
     for p in draft.embed_tokens.parameters():
         p.requires_grad_(False)
+    batches = shuffled_batches(len(examples), batch_size, seed)
+
+    def step_loss(step: int) -> torch.Tensor:
+        ids, labels = _batch([examples[i] for i in next(batches)], index_of)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = train_forward(draft, ids)
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        return F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
+
+    draft.train()
+    losses = run_adamw(params, steps, lr, step_loss, log)
+    draft.eval()
+    return losses
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int):
+    """Endless batches of example indices: epochs in a seeded random order."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.sample(range(n), n)
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def run_adamw(params: list, steps: int, lr: float, step_loss, log=print) -> list[float]:
+    """AdamW with a 20-step warm-up and cosine decay, gradients clipped at 1; `step_loss(i)`
+    returns step i's loss. Returns every step's loss."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
     )
-    rng = random.Random(seed)
-    order: list[int] = []
     losses = []
-    draft.train()
     start = time.perf_counter()
     for step in range(steps):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        picked, order = order[:batch_size], order[batch_size:]
-        ids, labels = _batch([examples[i] for i in picked], index_of)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = train_forward(draft, ids)
-        flat = logits.float().reshape(-1, logits.shape[-1])
-        loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
+        loss = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -177,19 +214,12 @@ def train_draft(
         losses.append(loss.item())
         if log and (step % 25 == 0 or step == steps - 1):
             log(f"step {step + 1}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
-    draft.eval()
     return losses
 
 
 def save_draft(draft: LlamaForCausalLM, path: Path, info: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        n: p.detach().contiguous() for n, p in draft.named_parameters() if not n.startswith("embed_tokens")
-    }
-    tensors["draft_vocab"] = draft.draft_vocab
-    save_file(tensors, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(dataclasses.asdict(draft.config), indent=1))
-    (path / MARKER).write_text(json.dumps({"format": 1, **info}, indent=1))
+    tensors = {n: p for n, p in draft.named_parameters() if not n.startswith("embed_tokens")}
+    save_artifact(path, {**tensors, "draft_vocab": draft.draft_vocab}, draft.config, MARKER, info)
 
 
 def default_draft_path(model_path, num_layers: int = 2) -> Path:
@@ -205,14 +235,7 @@ def is_distilled_draft(path) -> bool:
 
 def load_draft(path, target: LlamaForCausalLM, dtype: torch.dtype) -> LlamaForCausalLM:
     """A draft saved by `save_draft`, sharing `target`'s embeddings, in `dtype`."""
-    path = Path(path)
-    try:
-        config = ModelConfig(**json.loads((path / "config.json").read_text()))
-        tensors = load_file(str(path / "model.safetensors"))
-    except (OSError, ValueError, TypeError) as e:
-        raise FalconetError(f"{path}: not a readable falconet draft ({e})") from None
-    if config.vocab_size != target.config.vocab_size or config.hidden_size != target.config.hidden_size:
-        raise FalconetError(f"{path}: this draft was made for another model (vocabulary or width differs)")
+    config, tensors = read_artifact(path, "draft", target.config)
     vocab = tensors.pop("draft_vocab")
     draft = _skeleton(config, len(vocab))
     missing, unexpected = draft.load_state_dict(tensors, strict=False)

@@ -106,3 +106,31 @@ def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
         else:
             out.append(_passage(rng))
     return out
+
+
+def self_written_prompts(engine, n: int, seed: int = 0, max_tokens: int = 64) -> list[str]:
+    """Up to n user requests written by the model itself: sampled (temperature 1, top-p 0.95)
+    from the start of a user turn, the chat template rendered up to where the user's text goes.
+
+    Self-distillation data as Medusa (Cai et al., 2024) makes it for its heads: the model's own
+    idea of what users ask is far more varied than templates, so a head trained on the answers
+    generalises to prompts it has not seen. Deduplicated; empty ones dropped."""
+    from falconet.sampling_params import SamplingParams
+
+    tokenizer = engine.tokenizer
+    marker = "\x00USER\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
+    prefix = text[: text.index(marker)]
+    has_bos = tokenizer.bos_token is not None and prefix.startswith(tokenizer.bos_token)
+    ids = tokenizer.encode(prefix, add_special_tokens=not has_bos)
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95)
+    reqs = [engine.add_request(ids, params, seed=seed * 1_000_003 + i) for i in range(n)]
+    while engine.has_unfinished():
+        engine.step()
+    seen, out = set(), []
+    for r in reqs:
+        text = r.output_text.strip()
+        if len(text) >= 8 and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out

@@ -15,7 +15,7 @@ from falconet.methods.speculative import verifier
 from falconet.models.loader import load_model
 from falconet.sampling_params import SamplingParams
 
-METHODS = ["ngram", "draft-model", "layer-skip"]
+METHODS = ["ngram", "draft-model", "layer-skip", "eagle"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,12 @@ def repetitive_prompts(n: int, seed: int) -> list[list[int]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def drafts(draft_dir, tiny_eagle_head_dir) -> dict:
+    """Engine options giving every model-based method its artifact."""
+    return {"draft_model": str(draft_dir), "draft_head": str(tiny_eagle_head_dir)}
+
+
 def generate(loaded, prompts, params, **options) -> tuple[list[list[int]], LLMEngine]:
     engine = LLMEngine(loaded, EngineConfig(**options))
     reqs = [engine.add_request(p, params) for p in prompts]
@@ -67,30 +73,28 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_greedy_is_token_identical(tiny, draft_dir, method):
+def test_greedy_is_token_identical(tiny, drafts, method):
     prompts = repetitive_prompts(8, seed=1)
     plain, _ = generate(tiny, prompts, GREEDY, max_num_seqs=8)
-    outs, engine = generate(
-        tiny, prompts, spec(GREEDY, method, k=3), max_num_seqs=8, draft_model=str(draft_dir)
-    )
+    outs, engine = generate(tiny, prompts, spec(GREEDY, method, k=3), max_num_seqs=8, **drafts)
     assert outs == plain
     stats = engine.speculator.stats
     assert stats.num_steps > 0 and stats.num_drafted > 0
-    if method == "ngram":
-        assert stats.num_accepted > 0  # the repeated phrases are found and kept
+    if method in ("ngram", "eagle"):
+        assert stats.num_accepted > 0  # repeated phrases are found (ngram), the head learnt some
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_mixed_batch_chunking_and_preemption(tiny, draft_dir, method):
+def test_mixed_batch_chunking_and_preemption(tiny, drafts, method):
     """Speculative and plain requests share steps under a small token budget and a KV cache
     so small that requests are preempted: every output still equals plain decoding alone."""
     prompts = repetitive_prompts(8, seed=2)
     params = [spec(GREEDY, method) if i % 2 else GREEDY for i in range(len(prompts))]
     alone = [generate(tiny, [p], GREEDY, enable_prefix_caching=False)[0][0] for p in prompts]
     engine = LLMEngine(
-        tiny, EngineConfig(max_num_seqs=8, max_num_batched_tokens=24, block_size=4, num_kv_blocks=40,
-                           draft_model=str(draft_dir))
-    )  # fmt: skip
+        tiny,
+        EngineConfig(max_num_seqs=8, max_num_batched_tokens=24, block_size=4, num_kv_blocks=40, **drafts),
+    )
     reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
     while engine.has_unfinished():
         engine.step()
@@ -99,20 +103,48 @@ def test_mixed_batch_chunking_and_preemption(tiny, draft_dir, method):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_bfloat16_fast_paths_are_bitwise_identical(tiny_llama64_dir):
+def test_bfloat16_fast_paths_are_bitwise_identical(tiny_llama64_dir, tmp_path):
     """In bf16 the verification rows take the decode kernel: outputs match plain decoding."""
+    from falconet.methods.speculative.eagle import EagleHead, save_head
+
     loaded = load_model(tiny_llama64_dir, dtype=torch.bfloat16, with_tokenizer=False)
+    head = EagleHead(load_model(tiny_llama64_dir, with_tokenizer=False).model, torch.arange(97))
+    head.init_from_target()  # untrained: drafts the target's last layer run once more
+    save_head(head, tmp_path, {})
     prompts = repetitive_prompts(6, seed=3)
     plain, _ = generate(loaded, prompts, GREEDY, max_num_seqs=6)
-    for method in ("ngram", "layer-skip"):
-        outs, _ = generate(loaded, prompts, spec(GREEDY, method, k=4), max_num_seqs=6)
+    for method in ("ngram", "layer-skip", "eagle"):
+        outs, _ = generate(
+            loaded, prompts, spec(GREEDY, method, k=4), max_num_seqs=6, draft_head=str(tmp_path)
+        )
         assert outs == plain, method
+
+
+def test_eagle_after_a_prefix_cache_hit(tiny, tiny_eagle_head_dir):
+    """A request whose prompt starts with cached blocks has no target features there: the head
+    drafts from what its cache holds, and the output stays exact."""
+    shared = repetitive_prompts(1, seed=6)[0] * 2
+    prompts = [shared + [5, 6, 7], shared + [8, 9]]
+    plain = [generate(tiny, [p], GREEDY, enable_prefix_caching=False)[0][0] for p in prompts]
+    engine = LLMEngine(tiny, EngineConfig(block_size=4, draft_head=str(tiny_eagle_head_dir)))
+    outs = []
+    for p in prompts:  # one after the other: the second hits the first's blocks
+        req = engine.add_request(p, spec(GREEDY, "eagle", k=3))
+        while engine.has_unfinished():
+            engine.step()
+        outs.append(req.output_ids)
+    assert outs == plain
+    assert engine.block_manager.hit_rate > 0 and engine.speculator.stats.num_drafted > 0
 
 
 def test_draft_model_errors_are_clear(tiny, tmp_path):
     engine = LLMEngine(tiny, EngineConfig())
     with pytest.raises(FalconetError, match="needs a draft model"):
         engine.add_request([1, 2, 3], spec(GREEDY, "draft-model"))
+    with pytest.raises(FalconetError, match="needs a trained EAGLE head: run `falconet train-head`"):
+        engine.add_request([1, 2, 3], spec(GREEDY, "eagle"))
+    with pytest.raises(FalconetError, match="is not an EAGLE head"):
+        LLMEngine(tiny, EngineConfig(draft_head=str(tmp_path))).add_request([1, 2, 3], spec(GREEDY, "eagle"))
     with pytest.raises(FalconetError, match="unknown speculative method 'nope'; valid: "):
         SamplingParams(speculative="nope")
     with pytest.raises(FalconetError, match="num_speculative_tokens"):
@@ -146,9 +178,9 @@ def peaked(tiny_llama_dir, draft_dir):
     return target, draft
 
 
-def _samples(loaded, draft, params, seed0: int) -> list[list[int]]:
+def _samples(loaded, draft, params, seed0: int, head=None) -> list[list[int]]:
     prompt = repetitive_prompts(1, seed=5)[0]
-    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=256, draft_model=draft))
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=256, draft_model=draft, draft_head=head))
     reqs = [
         engine.add_request(prompt, SamplingParams(**{**params.__dict__, "seed": seed0 + i}))
         for i in range(SAMPLES)
@@ -188,16 +220,16 @@ SAMPLED = [
 ]
 
 
-@pytest.mark.parametrize("method", ["draft-model", "ngram"])
+@pytest.mark.parametrize("method", ["draft-model", "ngram", "eagle"])
 @pytest.mark.parametrize("params", SAMPLED, ids=["t1", "shaped"])
-def test_sampling_matches_plain_sampling(peaked, method, params):
+def test_sampling_matches_plain_sampling(peaked, tiny_eagle_head_dir, method, params):
     """Empirical distribution of output tokens 2 and 3 over 3000 seeds, with speculation vs
     without: chi-square homogeneity p > 0.001 and total variation < TV_BOUND. Seeds are fixed,
     so the outcome is deterministic. Calibration (plain vs plain, other seeds): p 0.35-0.88, TV
     0.03-0.083; the mutations below give p < 1e-5 and TV 0.11-0.96."""
     target, draft = peaked
     plain = _samples(target, draft, params, seed0=0)
-    ours = _samples(target, draft, spec(params, method, k=2), seed0=10**6)
+    ours = _samples(target, draft, spec(params, method, k=2), seed0=10**6, head=str(tiny_eagle_head_dir))
     for pos in POSITIONS:
         p_value, tv = _chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours])
         assert p_value > 1e-3 and tv < TV_BOUND, (pos, p_value, tv)

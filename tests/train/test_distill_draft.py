@@ -3,8 +3,6 @@ loads with a reduced head, drafts for the engine, and speculative output stays e
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -22,25 +20,6 @@ from falconet.train.distill_draft import (
 )
 from falconet.train.prompts import synthetic_prompts
 
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return load_model(tiny_llama_dir, with_tokenizer=False)
-
-
-def _prompts(n, seed):
-    rng = random.Random(seed)
-    return [[rng.randrange(97) for _ in range(rng.randint(4, 12))] for _ in range(n)]
-
-
-def _run(loaded, prompts, params, **options):
-    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=16, **options))
-    reqs = [engine.add_request(p, params) for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
-    return [r.output_ids for r in reqs], engine
-
-
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
@@ -50,9 +29,9 @@ def test_synthetic_prompts_are_varied_and_deterministic():
     assert any(p.startswith("Translate into") for p in a) and any("step by step" in p for p in a)
 
 
-def test_distilled_draft_trains_saves_loads_and_stays_exact(tiny, tmp_path):
-    prompts = _prompts(48, seed=0)
-    outputs, _ = _run(tiny, prompts, GREEDY)
+def test_distilled_draft_trains_saves_loads_and_stays_exact(tiny, tmp_path, prompts_of, run):
+    prompts = prompts_of(48, seed=0)
+    outputs, _ = run(tiny, prompts, GREEDY)
     examples = [Example(p + o, len(p)) for p, o in zip(prompts, outputs, strict=True)]
     vocab = draft_vocabulary(examples, 48, 97, always=[2])
     assert len(vocab) == 48 and 2 in vocab.tolist()
@@ -72,17 +51,17 @@ def test_distilled_draft_trains_saves_loads_and_stays_exact(tiny, tmp_path):
     params = SamplingParams(**{**GREEDY.__dict__, "speculative": "draft-model", "num_speculative_tokens": 3})
     rates = {}
     for name in ("untrained", "trained"):
-        outs, engine = _run(tiny, prompts[:16], params, draft_model=str(tmp_path / name))
+        outs, engine = run(tiny, prompts[:16], params, draft_model=str(tmp_path / name))
         assert outs == outputs[:16]
         rates[name] = engine.speculator.stats.acceptance_rate
     assert rates["trained"] > rates["untrained"] + 0.2, rates
-    held_out = _prompts(8, seed=1)
-    plain, _ = _run(tiny, held_out, GREEDY)
-    assert _run(tiny, held_out, params, draft_model=str(tmp_path / "trained"))[0] == plain
+    held_out = prompts_of(8, seed=1)
+    plain, _ = run(tiny, held_out, GREEDY)
+    assert run(tiny, held_out, params, draft_model=str(tmp_path / "trained"))[0] == plain
     # sampling drafts from the reduced head (q is zero outside it) runs and stays seeded
     sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=5, speculative="draft-model")
-    a, _ = _run(tiny, held_out[:2], sampled, draft_model=str(tmp_path / "trained"))
-    b, _ = _run(tiny, held_out[:2], sampled, draft_model=str(tmp_path / "trained"))
+    a, _ = run(tiny, held_out[:2], sampled, draft_model=str(tmp_path / "trained"))
+    b, _ = run(tiny, held_out[:2], sampled, draft_model=str(tmp_path / "trained"))
     assert a == b
 
 

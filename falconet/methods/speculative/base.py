@@ -52,6 +52,8 @@ class Proposer(ABC):
     paper: ClassVar[str]
     exact: ClassVar[bool] = True  # verified by exact speculative sampling: output = target's
     default_num_tokens: ClassVar[int] = 4
+    # True: the engine passes the target's hidden states to `observe` (feature-level drafters)
+    uses_hidden_states: ClassVar[bool] = False
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -62,6 +64,17 @@ class Proposer(ABC):
 
         When this is called, each request's block table already covers its lookahead slots:
         a proposer may write KV entries past `num_computed` (they are rewritten by the target)."""
+
+    def observe(self, request: Request, start: int, hidden: torch.Tensor) -> None:  # noqa: B027
+        """With `uses_hidden_states`: the target's final hidden states (after its norm, the LM
+        head's input) for positions [start, start + len(hidden)) of `request`, computed this
+        step. Rows of drafts are included; `on_verified` then says which were kept."""
+
+    def usable_prefix(self, blocks: list[int]) -> int:
+        """With `uses_hidden_states`: how many of these prefix-cached blocks (leading blocks of a
+        new request) this proposer holds state for. The target recomputes the rest, so the
+        proposer sees their hidden states."""
+        return len(blocks)
 
     def on_verified(self, request: Request) -> None:  # noqa: B027 - optional hook
         """The target accepted some drafts; `request.num_computed` is the new valid length."""

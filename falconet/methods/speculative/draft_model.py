@@ -10,6 +10,7 @@ per request it remembers how many positions of that cache are valid, and catches
 
 from __future__ import annotations
 
+from falconet.methods.speculative.artifacts import find_artifact
 from falconet.methods.speculative.base import Proposer, ProposerError
 from falconet.methods.speculative.drafting import draft_autoregressively
 from falconet.models.kv_cache import PagedKVCache
@@ -26,16 +27,15 @@ class DraftModelProposer(Proposer):
         super().__init__(engine)
         draft = draft if draft is not None else engine.config.draft_model
         if draft is None:
-            from falconet.train.distill_draft import default_draft_path, is_distilled_draft
+            from falconet.train.distill_draft import MARKER, default_draft_path
 
             found = default_draft_path(engine.model_path)
-            if not is_distilled_draft(found):
-                raise ProposerError(
-                    f"speculative method {self.name!r} needs a draft model: pass draft_model= to LLM "
-                    "(--draft-model on the command line), a model that shares the target's tokenizer, "
-                    f"or run `falconet distill-draft` to train one (it is then found at {found})"
-                )
-            draft = found
+            draft = find_artifact(
+                None, found, MARKER,
+                f"speculative method {self.name!r} needs a draft model: pass draft_model= to LLM "
+                "(--draft-model on the command line), a model that shares the target's tokenizer, "
+                f"or run `falconet distill-draft` to train one (it is then found at {found})",
+            )  # fmt: skip
         if isinstance(draft, str) or hasattr(draft, "__fspath__"):
             from falconet.models.loader import load_model
             from falconet.train.distill_draft import is_distilled_draft, load_draft
