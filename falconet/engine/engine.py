@@ -24,6 +24,9 @@ from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import LoadedModel
 from falconet.sampling_params import SamplingParams
 
+# KV blocks beside the block manager's for the side branches of token trees (within one step).
+TREE_SCRATCH_BLOCKS = 64
+
 
 @dataclass
 class EngineConfig:
@@ -80,7 +83,9 @@ class LLMEngine:
             # of full-length sequences can use (the second half keeps prefixes cached).
             useful = 2 * config.max_num_seqs * -(-self.max_model_len // config.block_size)
             num_blocks = max(1, min(budget_blocks, useful))
-        self.kv_cache = PagedKVCache(loaded.config, num_blocks, config.block_size, dtype)
+        self.kv_cache = PagedKVCache(
+            loaded.config, num_blocks, config.block_size, dtype, num_scratch_blocks=TREE_SCRATCH_BLOCKS
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # Without chunking, a whole prompt must fit in one step's budget.
         budget = config.max_num_batched_tokens
@@ -164,24 +169,35 @@ class LLMEngine:
             for i, (req, token) in enumerate(zip(sampling, result.token_ids, strict=True)):
                 self._record_logprob(req, logits[i], token, result.logprobs[i])
                 outputs.append(self._append_token(req, token))
-        for req, draft, rows in verifying:
-            outputs.extend(self._accept_drafts(req, draft, logits[rows]))
+        for req, draft, rows, tree in verifying:
+            outputs.extend(self._accept_drafts(req, draft, logits[rows], tree))
         return outputs
 
-    def _accept_drafts(self, req: Request, draft, logits: torch.Tensor) -> list[StepOutput]:
+    def _accept_drafts(self, req: Request, draft, logits: torch.Tensor, tree) -> list[StepOutput]:
         """Verify a request's drafts (logits: its last token's row, then one per draft), roll
-        its KV back to the accepted prefix and append the kept tokens."""
+        its KV back to the accepted prefix and append the kept tokens.
+
+        tree: for a token tree, (its segment in the step, its hidden rows): the accepted path's
+        KV entries move into place and the hidden-state taps see that path only."""
         verdict = verify(logits, draft, req)
         req.num_computed -= len(draft.tokens) - verdict.num_accepted  # roll back the rejected drafts
+        path = verdict.path if verdict.path is not None else list(range(verdict.num_accepted))
+        rows = [0] + [j + 1 for j in path]  # the logits row each kept token was chosen at
+        if tree is not None:
+            segment, hidden = tree
+            self.kv_cache.commit_tree(segment, path[-1] if path else -1)
+            start = req.num_computed - len(rows)
+            for tap in self.hidden_taps:
+                tap(req, start, hidden[rows])
         self.block_manager.cache_full_blocks(req.block_table, req.all_ids + verdict.tokens, req.num_computed)
-        self.speculator.verified(req, len(draft.tokens), verdict.num_accepted)
+        self.speculator.verified(req, draft, verdict.num_accepted)
         outputs = []
-        for j, token in enumerate(verdict.tokens):
+        for row, token in zip(rows, verdict.tokens, strict=True):
             info = None
             if req.params.logprobs is not None:
-                lp = torch.log_softmax(logits[j], dim=-1)[None]
+                lp = torch.log_softmax(logits[row], dim=-1)[None]
                 info = token_logprobs(lp, [token], [req.params.logprobs])[0]
-            self._record_logprob(req, logits[j], token, info)
+            self._record_logprob(req, logits[row], token, info)
             outputs.append(self._append_token(req, token))
             if req.finished:
                 break
@@ -199,30 +215,39 @@ class LLMEngine:
     def _run_model(self, batch: ScheduledBatch, drafts: dict) -> tuple[torch.Tensor | None, list, list]:
         """One forward over the batch. Logits: first one row per request that samples its next
         token this step, then, per request verifying drafts, its last token's row and one per
-        draft (`verifying` lists (request, draft, rows))."""
+        draft (`verifying` lists (request, draft, rows, tree info or None))."""
         ids, positions, segments, last_rows, sampling, spec = [], [], [], [], [], []
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             start = req.num_computed
             draft = drafts.get(i)
+            tree = None
             if draft is None:
                 ids.extend(req.all_ids[start : start + n])
+                positions.extend(range(start, start + n))
             else:
                 ids.extend(req.all_ids[start:] + draft.tokens)
-            positions.extend(range(start, start + n))
-            segments.append(Segment(req.block_table, start, n, as_decodes=draft is not None))
+                if draft.is_tree:
+                    tree = (-1, *(p + 1 for p in draft.parents))
+                    positions.extend(start + len(draft.path(j)) for j in range(-1, len(draft.tokens)))
+                else:
+                    positions.extend(range(start, start + n))
+            segments.append(Segment(req.block_table, start, n, as_decodes=draft is not None, tree=tree))
             if draft is not None:
-                spec.append((req, draft, len(ids) - n))
+                spec.append((req, draft, len(ids) - n, i))
             elif start + n == req.num_tokens:
                 last_rows.append(len(ids) - 1)
                 sampling.append(req)
         self.kv_cache.begin_step(segments)
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_cache)
-        row = 0
+        row, trees = 0, {}
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             if req.params.prompt_logprobs is not None:
                 self._record_prompt_logprobs(req, hidden[row : row + n])
-            for tap in self.hidden_taps:
-                tap(req, req.num_computed, hidden[row : row + n])
+            if segments[i].tree is not None:  # taps see a tree's accepted path, once verified
+                trees[i] = (i, hidden[row : row + n])
+            else:
+                for tap in self.hidden_taps:
+                    tap(req, req.num_computed, hidden[row : row + n])
             row += n
             req.num_computed += n
             if i not in drafts:  # verified requests cache their blocks once the drafts are judged
@@ -230,9 +255,9 @@ class LLMEngine:
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += len(ids)
         verifying, offset = [], len(last_rows)
-        for req, draft, first in spec:
+        for req, draft, first, i in spec:
             last_rows.extend(range(first, first + len(draft.tokens) + 1))
-            verifying.append((req, draft, slice(offset, offset + len(draft.tokens) + 1)))
+            verifying.append((req, draft, slice(offset, offset + len(draft.tokens) + 1), trees.get(i)))
             offset += len(draft.tokens) + 1
         if not last_rows:
             return None, [], []

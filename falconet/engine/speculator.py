@@ -24,11 +24,13 @@ class SpecStats:
     drafted_by_position: list[int] = field(default_factory=list)  # index j: drafts at position j
     accepted_by_position: list[int] = field(default_factory=list)
 
-    def record(self, drafted: int, accepted: int) -> None:
+    def record(self, drafted: int, accepted: int, depth: int | None = None) -> None:
+        """depth: a token tree's depth (its drafted positions); a chain's is its length."""
         self.num_steps += 1
         self.num_drafted += drafted
         self.num_accepted += accepted
-        for counts, n in ((self.drafted_by_position, drafted), (self.accepted_by_position, accepted)):
+        positions = drafted if depth is None else depth
+        for counts, n in ((self.drafted_by_position, positions), (self.accepted_by_position, accepted)):
             counts.extend([0] * (n - len(counts)))
             for j in range(n):
                 counts[j] += 1
@@ -92,7 +94,9 @@ class Speculator:
         for req in requests:
             if req.params.speculative is None:
                 continue
-            room = min(req.params.max_tokens - len(req.output_ids) - 1, limit - req.num_tokens)
+            room = limit - req.num_tokens
+            if not self.proposer(req.params.speculative).drafts_trees:  # a tree's depth is less
+                room = min(room, req.params.max_tokens - len(req.output_ids) - 1)
             req.num_lookahead = max(0, min(self.num_drafts(req), room))
 
     def propose(self, batch) -> dict[int, Draft]:
@@ -103,15 +107,26 @@ class Speculator:
             if req.params.speculative is not None and n > 1 and req.num_tokens - req.num_computed == 1:
                 groups.setdefault(req.params.speculative, []).append(i)
         drafts: dict[int, Draft] = {}
+        scratch = self.engine.kv_cache.num_scratch_blocks
         for name, rows in groups.items():
             reqs = [batch.requests[i] for i in rows]
             made = self.proposer(name).propose(reqs, [batch.num_tokens[i] - 1 for i in rows])
             for i, draft in zip(rows, made, strict=True):
-                draft.tokens = draft.tokens[: batch.num_tokens[i] - 1]
+                draft.truncate(batch.num_tokens[i] - 1)
+                scratch -= self._fit_tree(batch.requests[i], draft, scratch)
                 batch.num_tokens[i] = 1 + len(draft.tokens)
                 if draft.tokens:
                     drafts[i] = draft
         return drafts
+
+    def _fit_tree(self, req, draft: Draft, scratch: int) -> int:
+        """Trim a token tree to the scratch blocks left this step; returns the blocks it takes."""
+        if not draft.is_tree:
+            return 0
+        need = self.engine.kv_cache.scratch_blocks_needed
+        while draft.is_tree and need(req.num_computed, draft.parents) > scratch:
+            draft.truncate(len(draft.tokens) - 1)
+        return need(req.num_computed, draft.parents) if draft.is_tree else 0
 
     def usable_prefix(self, req, blocks: list[int]) -> int:
         """How many of a request's prefix-cache hits it may use: all, unless its proposer keeps
@@ -129,11 +144,12 @@ class Speculator:
             if proposer.uses_hidden_states:
                 proposer.observe(req, start, hidden)
 
-    def verified(self, req, drafted: int, accepted: int) -> None:
+    def verified(self, req, draft: Draft, accepted: int) -> None:
         if req.spec_stats is None:
             req.spec_stats = SpecStats()
-        req.spec_stats.record(drafted, accepted)
-        self.stats.record(drafted, accepted)
+        depth = max(len(draft.path(j)) for j in range(len(draft.tokens))) if draft.is_tree else None
+        req.spec_stats.record(len(draft.tokens), accepted, depth)
+        self.stats.record(len(draft.tokens), accepted, depth)
         self.proposer(req.params.speculative).on_verified(req)
 
     def release(self, req) -> None:

@@ -56,11 +56,18 @@ class Registry:
 
 def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.draft_model import DraftModelProposer
-    from falconet.methods.speculative.eagle import EagleProposer
+    from falconet.methods.speculative.eagle import EagleProposer, EagleTreeProposer
     from falconet.methods.speculative.layer_skip import LayerSkipProposer
-    from falconet.methods.speculative.ngram import NgramProposer
+    from falconet.methods.speculative.ngram import NgramProposer, NgramTreeProposer
 
-    for cls in (NgramProposer, DraftModelProposer, LayerSkipProposer, EagleProposer):
+    for cls in (
+        NgramProposer,
+        NgramTreeProposer,
+        DraftModelProposer,
+        LayerSkipProposer,
+        EagleProposer,
+        EagleTreeProposer,
+    ):
         registry._entries[cls.name] = cls
 
 

@@ -17,6 +17,9 @@ of segment get three attention paths:
 - continuations (a prefill chunk after cached tokens, SARATHI's chunked prefill) attend to
   their gathered context with a causal mask offset by what is cached (in bfloat16 with
   AVX512-BF16, all of a step's continuations in one call of the flash kernel).
+- token trees (speculative verification of several candidate continuations) become decode
+  rows too, each over a block table of its own branch (tree_attention.py), with the branches
+  other than the first in scratch blocks kept beyond the block manager's.
 
 Storage is [layers, kv_heads, slots, head_dim]: a gather of slots then comes out with kv heads
 outermost and each head's keys contiguous, ready for batched matmuls without another copy.
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 
 from falconet.config import ModelConfig
 from falconet.kernels import cpu_kernels
+from falconet.models.tree_attention import TreeLayout, scratch_blocks_needed
 
 
 @dataclass(frozen=True)
@@ -49,16 +53,28 @@ class Segment:
     # Attend as one decode row per token (speculative verification): each row's result is then
     # bitwise what decoding these tokens one step at a time gives.
     as_decodes: bool = False
+    # A token tree (as decodes): tree[j] is the parent row-1 of row j + 1, -1 for row 0, the
+    # sequence's last known token. None: a chain. See tree_attention.py.
+    tree: tuple[int, ...] | None = None
 
 
 class PagedKVCache:
     def __init__(
-        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device="cpu",
+        num_scratch_blocks: int = 0,
     ):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
         self.sliding_window = config.sliding_window
-        shape = (config.num_layers, config.num_kv_heads, num_blocks * block_size, config.head_dim)
+        # Blocks after the block manager's: the side branches of token trees, within one step.
+        self.num_scratch_blocks = num_scratch_blocks
+        total = num_blocks + num_scratch_blocks
+        shape = (config.num_layers, config.num_kv_heads, total * block_size, config.head_dim)
         self.k = _allocate(shape, dtype, device)
         self.v = _allocate(shape, dtype, device)
         self.device = device
@@ -78,6 +94,8 @@ class PagedKVCache:
         )
         self._plan: list[tuple] = []
         self._slot_mapping = torch.empty(0, dtype=torch.long)
+        self._extra_rows = self._extra_slots = None  # tree rows stored into scratch blocks too
+        self.trees: dict[int, TreeLayout] = {}  # segment index -> layout, for commit_tree
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -124,7 +142,22 @@ class PagedKVCache:
     def begin_step(self, segments: list[Segment]) -> None:
         """Plan the attention of the next forward over `segments`, flattened in this order."""
         slot_maps, plan, decodes, fresh, chunks, offset = [], [], [], [], [], 0
-        for s in segments:
+        self.trees, extra_rows, extra_slots, copies = {}, [], [], []
+        free_scratch = list(range(self.num_blocks, self.num_blocks + self.num_scratch_blocks))
+        for index, s in enumerate(segments):
+            if s.tree is not None:
+                layout = self._plan_tree(s, free_scratch)
+                self.trees[index] = layout
+                slot_maps.append(torch.tensor(layout.row_slots, dtype=torch.long))
+                decodes.extend(
+                    (offset + r, Segment(t, p, 1))
+                    for r, (t, p) in enumerate(zip(layout.tables, layout.positions, strict=True))
+                )
+                extra_rows.extend(offset + r for r in layout.extra_rows)
+                extra_slots.extend(layout.extra_slots)
+                copies.extend(layout.copies)
+                offset += s.length
+                continue
             slot_maps.append(self._slots(s.block_table, s.start, s.start + s.length))
             if s.start == 0 and self._packed_prefill:
                 fresh.append((offset, s.length))
@@ -148,6 +181,43 @@ class PagedKVCache:
             plan.append(self._decode_plan(decodes))
         self._plan = plan
         self._slot_mapping = torch.cat(slot_maps) if slot_maps else torch.empty(0, dtype=torch.long)
+        self._extra_rows = torch.tensor(extra_rows, dtype=torch.long) if extra_rows else None
+        self._extra_slots = torch.tensor(extra_slots, dtype=torch.long) if extra_rows else None
+        self.copy_blocks(copies)
+
+    def _plan_tree(self, s: Segment, free_scratch: list[int]) -> TreeLayout:
+        if len(s.tree) != s.length or s.tree[0] != -1:
+            raise ValueError("a tree segment lists one parent per row, -1 first (the root row)")
+
+        def take(n: int) -> list[int]:
+            if n > len(free_scratch):
+                raise ValueError(
+                    f"token trees need more scratch blocks than the cache keeps ({self.num_scratch_blocks})"
+                )
+            return [free_scratch.pop(0) for _ in range(n)]
+
+        # nodes' parents, relative to nodes (the root is -1)
+        parents = [p - 1 for p in s.tree[1:]]
+        return TreeLayout.plan(s.block_table, s.start, parents, self.block_size, take)
+
+    def scratch_blocks_needed(self, start: int, parents: list[int]) -> int:
+        """Scratch blocks a tree of these nodes (parents[j] < j, -1: the root) takes at `start`."""
+        return scratch_blocks_needed(parents, start, self.block_size)
+
+    def commit_tree(self, segment: int, node: int) -> None:
+        """After verification: the path to draft node `node` (-1: none kept) of tree segment
+        `segment` of the last step moves into the sequence's own blocks."""
+        self.copy_blocks(self.trees[segment].commit(node))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (from, to) in every layer; tile-aligned, so any layout copies."""
+        if not pairs:
+            return
+        bs = self.block_size
+        src = (torch.tensor([a for a, _ in pairs])[:, None] * bs + torch.arange(bs)).flatten()
+        dst = (torch.tensor([b for _, b in pairs])[:, None] * bs + torch.arange(bs)).flatten()
+        for cache in (self.k, self.v):
+            cache.index_copy_(2, dst, cache.index_select(2, src))
 
     def _chunk_plan(self, chunks: list[tuple[int, Segment]]) -> tuple:
         """One flash-attention call for all chunks that continue a sequence: their contexts are
@@ -183,11 +253,9 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v of the new tokens and attend. q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
         k_cache, v_cache = self.k[layer], self.v[layer]  # [Hkv, slots, D]
-        if self._kernels is not None:
-            self._kernels.store_kv(k, v, k_cache, v_cache, self._slot_mapping, self.tiled)
-        else:
-            k_cache.index_copy_(1, self._slot_mapping, k.transpose(0, 1))
-            v_cache.index_copy_(1, self._slot_mapping, v.transpose(0, 1))
+        self._store(k, v, k_cache, v_cache, self._slot_mapping)
+        if self._extra_rows is not None:
+            self._store(k[self._extra_rows], v[self._extra_rows], k_cache, v_cache, self._extra_slots)
         out = torch.empty_like(q)
         for kind, *args in self._plan:
             if kind == "fresh":
@@ -232,6 +300,13 @@ class PagedKVCache:
                 rows, index, mask = args
                 out[rows] = _decode_attention(q[rows], k_cache[:, index], v_cache[:, index], mask)
         return out
+
+    def _store(self, k, v, k_cache, v_cache, slots) -> None:
+        if self._kernels is not None:
+            self._kernels.store_kv(k, v, k_cache, v_cache, slots, self.tiled)
+        else:
+            k_cache.index_copy_(1, slots, k.transpose(0, 1))
+            v_cache.index_copy_(1, slots, v.transpose(0, 1))
 
 
 TILE = 16  # tokens per tile of the tiled layout

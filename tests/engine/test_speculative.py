@@ -12,10 +12,42 @@ from falconet.engine.engine import EngineConfig, LLMEngine
 from falconet.errors import FalconetError
 from falconet.methods.registry import SPECULATIVE_METHODS
 from falconet.methods.speculative import verifier
+from falconet.methods.speculative.base import Draft
+from falconet.methods.speculative.ngram import NgramTreeProposer
 from falconet.models.loader import load_model
 from falconet.sampling_params import SamplingParams
 
-METHODS = ["ngram", "draft-model", "layer-skip", "eagle"]
+METHODS = ["ngram", "ngram-tree", "draft-model", "layer-skip", "eagle", "eagle-tree"]
+
+
+class DecoyTreeProposer(NgramTreeProposer):
+    """Test-only: the n-gram tree behind a decoy chain of two random tokens, so the likely nodes
+    sit on side branches (scratch blocks, moved into place when kept) among more candidates.
+    Given 3 nodes or more it always drafts a tree."""
+
+    name = "decoy-tree"
+
+    def propose(self, requests, max_tokens):
+        inner = super().propose(requests, [max(k - 2, 0) for k in max_tokens])
+        out = []
+        for req, k, draft in zip(requests, max_tokens, inner, strict=True):
+            if k < 3:
+                out.append(draft)
+                continue
+            rng = random.Random(len(req.all_ids))
+            if not draft.tokens:  # no match: a random second branch, so there is always a tree
+                draft = Draft([rng.randrange(97)])
+            parents = draft.parents if draft.is_tree else list(range(-1, len(draft.tokens) - 1))
+            tokens = [rng.randrange(97), rng.randrange(97), *draft.tokens]
+            out.append(Draft(tokens, parents=[-1, 0, *(p + 2 if p >= 0 else -1 for p in parents)]))
+        return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def decoy_tree():
+    SPECULATIVE_METHODS.register(DecoyTreeProposer.name, DecoyTreeProposer)
+    yield
+    SPECULATIVE_METHODS.unregister(DecoyTreeProposer.name)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +104,7 @@ def spec(params: SamplingParams, method: str, k: int | None = None) -> SamplingP
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "decoy-tree"])
 def test_greedy_is_token_identical(tiny, drafts, method):
     prompts = repetitive_prompts(8, seed=1)
     plain, _ = generate(tiny, prompts, GREEDY, max_num_seqs=8)
@@ -80,11 +112,11 @@ def test_greedy_is_token_identical(tiny, drafts, method):
     assert outs == plain
     stats = engine.speculator.stats
     assert stats.num_steps > 0 and stats.num_drafted > 0
-    if method in ("ngram", "eagle"):
+    if method in ("ngram", "ngram-tree", "decoy-tree", "eagle", "eagle-tree"):
         assert stats.num_accepted > 0  # repeated phrases are found (ngram), the head learnt some
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "decoy-tree"])
 def test_mixed_batch_chunking_and_preemption(tiny, drafts, method):
     """Speculative and plain requests share steps under a small token budget and a KV cache
     so small that requests are preempted: every output still equals plain decoding alone."""
@@ -113,11 +145,12 @@ def test_bfloat16_fast_paths_are_bitwise_identical(tiny_llama64_dir, tmp_path):
     save_head(head, tmp_path, {})
     prompts = repetitive_prompts(6, seed=3)
     plain, _ = generate(loaded, prompts, GREEDY, max_num_seqs=6)
-    for method in ("ngram", "layer-skip", "eagle"):
-        outs, _ = generate(
-            loaded, prompts, spec(GREEDY, method, k=4), max_num_seqs=6, draft_head=str(tmp_path)
+    for method, k in (("ngram", 4), ("layer-skip", 4), ("eagle", 4), ("ngram-tree", 12), ("decoy-tree", 12)):
+        outs, engine = generate(
+            loaded, prompts, spec(GREEDY, method, k=k), max_num_seqs=6, draft_head=str(tmp_path)
         )
         assert outs == plain, method
+        assert engine.speculator.stats.num_accepted > 0 or method == "eagle", method
 
 
 def test_eagle_after_a_prefix_cache_hit(tiny, tiny_eagle_head_dir):
@@ -220,7 +253,11 @@ SAMPLED = [
 ]
 
 
-@pytest.mark.parametrize("method", ["draft-model", "ngram", "eagle"])
+# drafts per step (a tree's: nodes); decoy-tree drafts trees of two branches or more
+DISTRIBUTION_METHODS = {"draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6}
+
+
+@pytest.mark.parametrize("method", list(DISTRIBUTION_METHODS))
 @pytest.mark.parametrize("params", SAMPLED, ids=["t1", "shaped"])
 def test_sampling_matches_plain_sampling(peaked, tiny_eagle_head_dir, method, params):
     """Empirical distribution of output tokens 2 and 3 over 3000 seeds, with speculation vs
@@ -229,7 +266,8 @@ def test_sampling_matches_plain_sampling(peaked, tiny_eagle_head_dir, method, pa
     0.03-0.083; the mutations below give p < 1e-5 and TV 0.11-0.96."""
     target, draft = peaked
     plain = _samples(target, draft, params, seed0=0)
-    ours = _samples(target, draft, spec(params, method, k=2), seed0=10**6, head=str(tiny_eagle_head_dir))
+    k = DISTRIBUTION_METHODS[method]
+    ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=str(tiny_eagle_head_dir))
     for pos in POSITIONS:
         p_value, tv = _chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours])
         assert p_value > 1e-3 and tv < TV_BOUND, (pos, p_value, tv)
@@ -243,13 +281,14 @@ def _ratio_inverted(u, p, q):
     return u * p < q
 
 
+@pytest.mark.parametrize("method", ["draft-model", "decoy-tree"])
 @pytest.mark.parametrize("mutation", [_always, _ratio_inverted], ids=["accept-always", "q-over-p"])
-def test_the_distribution_test_catches_a_wrong_acceptance_rule(peaked, monkeypatch, mutation):
+def test_the_distribution_test_catches_a_wrong_acceptance_rule(peaked, monkeypatch, mutation, method):
     target, draft = peaked
     params = SAMPLED[0]
     plain = _samples(target, draft, params, seed0=0)
     monkeypatch.setattr(verifier, "accept", mutation)
-    ours = _samples(target, draft, spec(params, "draft-model", k=2), seed0=10**6)
+    ours = _samples(target, draft, spec(params, method, k=DISTRIBUTION_METHODS[method]), seed0=10**6)
     results = [_chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours]) for pos in POSITIONS]
     assert any(p_value <= 1e-3 or tv >= TV_BOUND for p_value, tv in results), results
 

@@ -34,18 +34,28 @@ inline __m512bh broadcast_pair(const uint16_t* p) {
 }
 
 // MR rows of x times NR weight tiles; w points at the first tile, tiles are tile_stride apart.
+// prefetch: the weights of this block are still in memory: fetch them a few pairs ahead.
+// ahead (or null): the next tile group, to be brought into L2 while this block computes from cache;
+// this pass fetches its pairs p with p % passes == pass, so the group's passes share the work.
 template <int MR, int NR>
 void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t tile_stride, int64_t pairs,
-           const float* bias, uint16_t* y, int64_t ldy, int last_cols, bool prefetch) {
+           const float* bias, uint16_t* y, int64_t ldy, int last_cols, bool prefetch,
+           const uint16_t* ahead, int ahead_tiles, int pass, int passes) {
   __m512 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int t = 0; t < NR; ++t) acc[r][t] = _mm512_setzero_ps();
+  int64_t next_ahead = pass;
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh wv[NR];
     for (int t = 0; t < NR; ++t) {
       const uint16_t* wt = w + t * tile_stride + p * 2 * kTile;
       wv[t] = (__m512bh)_mm512_loadu_si512(wt);
       if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wt + kPrefetch * 2 * kTile), _MM_HINT_T0);
+    }
+    if (ahead && p == next_ahead) {  // (a counter, not p % passes: no division per pair)
+      for (int t = 0; t < ahead_tiles; ++t)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + t * tile_stride + p * 2 * kTile), _MM_HINT_T1);
+      next_ahead += passes;
     }
     for (int r = 0; r < MR; ++r) {
       const __m512bh xv = broadcast_pair(x + r * ldx + 2 * p);
@@ -64,7 +74,7 @@ void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t tile_strid
 }
 
 using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const float*, uint16_t*,
-                         int64_t, int, bool);
+                         int64_t, int, bool, const uint16_t*, int, int, int);
 
 template <int MR>
 constexpr BlockFn pick(int nr) {
@@ -116,12 +126,19 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t out_fea
         const int nr = static_cast<int>(std::min<int64_t>(4, end - t0));
         const int64_t last = t0 + nr;  // one past this group's last tile
         const int last_cols = static_cast<int>(std::min<int64_t>(kTile, out_features - (last - 1) * kTile));
+        // With one pass over the group (up to 4 rows), it streams its weights in from memory itself.
+        // With several, the later passes compute from cache: memory would sit idle, so all passes
+        // instead prefetch the next group between them and computing overlaps the stream.
+        const int passes = static_cast<int>((c1 - c0 + 3) / 4);
+        const int64_t next_nr = std::min<int64_t>(4, end - last);
+        const uint16_t* ahead = passes > 1 && next_nr > 0 ? wp + last * tile_stride : nullptr;
         for (int64_t r0 = c0; r0 < c1; r0 += 4) {
           const int mr = static_cast<int>(std::min<int64_t>(4, c1 - r0));
-          // Only the first pass over a group of tiles brings its weights in from memory.
+          const int pass = static_cast<int>((r0 - c0) / 4);
           block_fn(mr, nr)(xp + r0 * ldx, ldx, wp + t0 * tile_stride, tile_stride, pairs,
                            bp ? bp + t0 * kTile : nullptr, yp + r0 * out_features + t0 * kTile, out_features,
-                           last_cols, r0 == c0);
+                           last_cols, r0 == c0, ahead,
+                           static_cast<int>(next_nr), pass, passes);
         }
       }
     }

@@ -10,11 +10,12 @@ A step of a speculative request, inside the normal engine step:
 1. the scheduler grants it 1 + k tokens (its last sampled token plus k lookahead slots) under
    the same token budget as everything else, and the KV blocks to hold them;
 2. its proposer drafts up to k tokens (`Proposer.propose`), with the probabilities it drew them
-   from (None: drafted deterministically, a point mass);
-3. the target forward computes the last token and the drafts as one segment of the batch;
-4. the verifier accepts a prefix of the drafts and adds one token; the KV entries of rejected
-   drafts are rolled back (the request's computed length shrinks; the slots are overwritten
-   later).
+   from (None: drafted deterministically, a point mass), as a chain or a token tree of k nodes;
+3. the target forward computes the last token and the drafts as one segment of the batch (each
+   tree node attending to its own ancestors only);
+4. the verifier accepts a prefix of the drafts (a root-to-node path of a tree) and adds one
+   token; the KV entries of rejected drafts are rolled back (the request's computed length
+   shrinks; the slots are overwritten later).
 """
 
 from __future__ import annotations
@@ -32,12 +33,71 @@ if TYPE_CHECKING:
 
 @dataclass
 class Draft:
-    """Draft tokens for one request: a chain (trees come with tree attention, later)."""
+    """Draft tokens for one request: a chain, or a token tree.
+
+    A tree (SpecInfer, Miao et al., 2024) offers several continuations at once: `parents[j]` is
+    the index of token j's parent draft (parents come first), -1 when token j continues the
+    request's known tokens directly; the target verifies every node in one forward (tree
+    attention, models/tree_attention.py) and keeps one root-to-node path. Tree drafts are
+    deterministic (probs None).
+    """
 
     tokens: list[int]
     # [len(tokens), V] float32: the distribution each token was drawn from; None if the tokens
     # were chosen deterministically (n-gram lookup, greedy drafting): q is then a point mass.
     probs: torch.Tensor | None = None
+    parents: list[int] | None = None  # None: a chain, token j follows token j - 1
+
+    def __post_init__(self) -> None:
+        if self.parents is not None:
+            if len(self.parents) != len(self.tokens):
+                raise ValueError("a token tree needs one parent per draft token")
+            if self.probs is not None:
+                raise ValueError("token trees are verified as deterministic drafts (probs=None)")
+            if self.parents == list(range(-1, len(self.tokens) - 1)):
+                self.parents = None  # a chain after all: the chain path is cheaper
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n drafts (a tree stays a tree: parents come before children)."""
+        self.tokens = self.tokens[:n]
+        if self.probs is not None:
+            self.probs = self.probs[:n]
+        if self.parents is not None:
+            self.parents = self.parents[:n]
+            if self.parents == list(range(-1, n - 1)):
+                self.parents = None
+
+    def path(self, node: int) -> list[int]:
+        """Draft indices from the root's child down to `node` (-1: empty)."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node] if self.parents is not None else node - 1
+        return out[::-1]
+
+
+def merge_trees(tokens: list[int], parents: list[int], more: list[int], more_parents: list[int], budget: int):
+    """Tree (tokens, parents) with the nodes of tree `more` added where they are new (a path
+    already there is shared), in `more`'s order, up to `budget` nodes in all."""
+    tokens, parents = list(tokens), list(parents)
+    node_of = {(p, t): j for j, (t, p) in enumerate(zip(tokens, parents, strict=True))}
+    mapped: list[int] = []  # node of `more` -> node of the result
+    for t, p in zip(more, more_parents, strict=True):
+        parent = -1 if p < 0 else mapped[p]
+        if parent is None:
+            mapped.append(None)  # its parent did not fit
+            continue
+        key = (parent, t)
+        if key not in node_of and len(tokens) < budget:
+            node_of[key] = len(tokens)
+            tokens.append(t)
+            parents.append(parent)
+        mapped.append(node_of.get(key))
+    return tokens, parents
 
 
 class Proposer(ABC):
@@ -54,6 +114,8 @@ class Proposer(ABC):
     default_num_tokens: ClassVar[int] = 4
     # True: the engine passes the target's hidden states to `observe` (feature-level drafters)
     uses_hidden_states: ClassVar[bool] = False
+    # True: drafts token trees; the tokens granted are a node budget, not a depth
+    drafts_trees: ClassVar[bool] = False
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine

@@ -36,8 +36,9 @@ from torch import nn
 
 from falconet.errors import FalconetError
 from falconet.methods.speculative.artifacts import find_artifact, read_artifact, save_artifact
-from falconet.methods.speculative.base import Proposer, ProposerError
+from falconet.methods.speculative.base import Draft, Proposer, ProposerError, merge_trees
 from falconet.methods.speculative.drafting import choose_tokens, finish_drafts, new_drafts
+from falconet.methods.speculative.ngram import lookup_tree
 from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.linear import Linear
 from falconet.models.llama import DecoderLayer, LlamaForCausalLM, RMSNorm
@@ -242,16 +243,18 @@ class EagleProposer(Proposer):
             self._record_blocks(req, first, last + 1)
             state.valid, state.feature_start, state.features = last + 1, last + 1, []
         if not active:
-            return finish_drafts(drafts)
+            return self.widen(requests, max_tokens, finish_drafts(drafts), {})
         step_feats = torch.cat(feats)
+        first_logits = None
         while active:
             self.cache.begin_step(segments)
             out = head(torch.tensor(ids), step_feats, torch.tensor(positions), self.cache)
             out = out[torch.tensor(last_rows)]
             reqs = [requests[i] for i in active]
-            confidence = choose_tokens(
-                head.compute_logits(out), reqs, [drafts[i] for i in active], vocab, full
-            )
+            logits = head.compute_logits(out)
+            if first_logits is None:
+                first_logits = dict(zip(active, logits, strict=True))
+            confidence = choose_tokens(logits, reqs, [drafts[i] for i in active], vocab, full)
             keep = [
                 r for r, i in enumerate(active)
                 if len(drafts[i].tokens) < max_tokens[i] and confidence[r] >= self.min_confidence
@@ -265,4 +268,50 @@ class EagleProposer(Proposer):
                 Segment(requests[i].block_table, p, 1) for i, p in zip(active, positions, strict=True)
             ]
             last_rows = list(range(len(active)))
-        return finish_drafts(drafts)
+        return self.widen(requests, max_tokens, finish_drafts(drafts), first_logits)
+
+    def widen(self, requests, max_tokens, drafts, first_logits) -> list[Draft]:
+        """Hook for tree variants: the chains drafted, and the head's logits at each drafting
+        request's first position (index in requests -> logits over the head's vocabulary)."""
+        return drafts
+
+
+class EagleTreeProposer(EagleProposer):
+    """EAGLE's chain plus the head's next-best first tokens and the n-gram tree, as one tree."""
+
+    name = "eagle-tree"
+    paper = (
+        "EAGLE (Li et al., 2024) with a token tree (SpecInfer, Miao et al., 2024; EAGLE-2, Li et al., "
+        "2024) and prompt lookup (Saxena, 2023)"
+    )
+    default_num_tokens = 10  # tree nodes
+    drafts_trees = True
+    chain_tokens = 4  # EAGLE's own chain at most (the rest of the budget: other candidates)
+    root_candidates = 3  # the head's top tokens offered at the first position
+    ngram = (6, 4, 2, 4)  # n-gram tree: depth, longest and shortest n, matches per n
+
+    def propose(self, requests, max_tokens):
+        self._budget = max_tokens
+        return super().propose(requests, [min(k, self.chain_tokens) for k in max_tokens])
+
+    def widen(self, requests, max_tokens, drafts, first_logits):
+        vocab = self.head.draft_vocab
+        out = []
+        for i, (req, draft) in enumerate(zip(requests, drafts, strict=True)):
+            budget = self._budget[i]
+            if not req.params.greedy or budget <= len(draft.tokens):
+                out.append(draft)  # sampled drafts carry q: they stay chains (exact sampling)
+                continue
+            tokens, parents = list(draft.tokens), list(range(-1, len(draft.tokens) - 1))
+            root = {t for t, p in zip(tokens, parents, strict=True) if p < 0}
+            if i in first_logits:
+                for t in first_logits[i].topk(self.root_candidates).indices.tolist():
+                    t = t if vocab is None else int(vocab[t])
+                    if t not in root and len(tokens) < budget:
+                        root.add(t)
+                        tokens.append(t)
+                        parents.append(-1)
+            grams, gram_parents = lookup_tree(req.all_ids, budget, *self.ngram)
+            tokens, parents = merge_trees(tokens, parents, grams, gram_parents, budget)
+            out.append(Draft(tokens, parents=parents))
+        return out

@@ -11,6 +11,15 @@ penalties counted over the output so far *including the drafts before j*, temper
 top-p and min-p (engine/sampler.py). Greedy requests are the special case: a draft is kept while
 it equals the argmax, and the argmax at the first mismatch is the added token.
 
+A token tree (several deterministic candidates per position, SpecInfer / Medusa / EAGLE-2) is
+verified from the root down: at a node, each child c is tried in turn and kept with probability
+r(c), r being the target's distribution at the node with the children already rejected taken out
+and renormalised (min(1, r/q) for a point-mass q); when all are rejected the token is drawn from
+what is left of r. This is recursive rejection sampling with point-mass drafts (Yang et al.,
+2024, "Multi-Candidate Speculative Decoding"; Jeon et al., 2024, "Recursive Speculative
+Decoding"): the chosen token is distributed exactly as r at every node. Greedy: follow the child
+equal to the argmax while there is one.
+
 Randomness comes from the request's own generator, so a seeded request stays reproducible.
 """
 
@@ -28,15 +37,17 @@ from falconet.methods.speculative.base import Draft
 class Verdict:
     tokens: list[int]  # the accepted drafts, then the target's own token
     num_accepted: int  # how many drafts were kept
+    path: list[int] | None = None  # a tree's accepted draft indices, root's child first
 
 
-def target_logits(logits: torch.Tensor, request, drafts: list[int]) -> torch.Tensor:
-    """Bias and penalties for each of the k + 1 rows, row j seeing drafts[:j] as output."""
+def target_logits(logits: torch.Tensor, request, drafts: list[int], histories=None) -> torch.Tensor:
+    """Bias and penalties for each of the k + 1 rows, row j seeing drafts[:j] as output (or,
+    for a tree, the draft tokens histories[j] above it)."""
     params = request.params
-    states = [
-        SamplingState(params, request.generator, request.prompt_ids, list(request.output_ids) + drafts[:j])
-        for j in range(logits.shape[0])
-    ]
+    if histories is None:
+        histories = [drafts[:j] for j in range(logits.shape[0])]
+    output = list(request.output_ids)
+    states = [SamplingState(params, request.generator, request.prompt_ids, output + h) for h in histories]
     return apply_penalties(apply_logit_bias(logits, [params] * len(states)), states)
 
 
@@ -47,6 +58,8 @@ def accept(u: float, p: float, q: float) -> bool:
 
 def verify(logits: torch.Tensor, draft: Draft, request) -> Verdict:
     """logits: [k + 1, V] float32 raw target logits at the last token and the k drafts."""
+    if draft.is_tree:
+        return verify_tree(logits, draft, request)
     k = len(draft.tokens)
     assert logits.shape[0] == k + 1, (logits.shape, k)
     shaped = target_logits(logits, request, draft.tokens)
@@ -74,3 +87,42 @@ def verify(logits: torch.Tensor, draft: Draft, request) -> Verdict:
             residual = probs[j]
         return Verdict(draft.tokens[:j] + [int(_draw(residual[None], [g])[0])], j)
     return Verdict(list(draft.tokens) + [int(_draw(probs[k][None], [g])[0])], k)
+
+
+def verify_tree(logits: torch.Tensor, draft: Draft, request) -> Verdict:
+    """logits: [k + 1, V]: row 0 at the last known token, row j + 1 at tree node j."""
+    tokens, parents = draft.tokens, draft.parents
+    assert logits.shape[0] == len(tokens) + 1, (logits.shape, len(tokens))
+    children: dict[int, list[int]] = {}
+    for j, p in enumerate(parents):
+        children.setdefault(p, []).append(j)
+    histories = [[]] + [[tokens[i] for i in draft.path(j)] for j in range(len(tokens))]
+    shaped = target_logits(logits, request, tokens, histories)
+    path, node = [], -1
+    if request.params.greedy:
+        best = shaped.argmax(dim=-1).tolist()
+        while True:
+            nxt = next((c for c in children.get(node, []) if tokens[c] == best[node + 1]), None)
+            if nxt is None:
+                return Verdict([tokens[i] for i in path] + [best[node + 1]], len(path), path)
+            path.append(nxt)
+            node = nxt
+    probs = torch.softmax(warp_logits(shaped, [request.params] * shaped.shape[0]), dim=-1)
+    g = request.generator
+    while True:
+        residual = probs[node + 1].clone()
+        for c in children.get(node, []):
+            u = float(torch.rand(1, generator=g, dtype=torch.float64))
+            if accept(u, float(residual[tokens[c]]), 1.0):
+                path.append(c)
+                node = c
+                break
+            residual[tokens[c]] = 0.0  # r - point mass at c, clipped, renormalised below
+            total = float(residual.sum())
+            if total <= 0.0:  # only round-off: the children held all of r
+                residual = probs[node + 1].clone()
+                total = float(residual.sum())
+            residual /= total
+        else:
+            token = int(_draw(residual[None], [g])[0])
+            return Verdict([tokens[i] for i in path] + [token], len(path), path)

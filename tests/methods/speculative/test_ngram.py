@@ -14,3 +14,18 @@ def test_longer_ngrams_win_and_short_texts_give_nothing():
     assert lookup([4], 3, max_n=3, min_n=1) == []
     assert lookup([1, 2, 3, 4], 3, max_n=3, min_n=1) == []  # no repeat at all
     assert lookup([7, 7], 3, max_n=3, min_n=1) == [7]
+
+
+def test_tree_merges_the_continuations_of_all_matches():
+    from falconet.methods.speculative.ngram import lookup_tree
+
+    ids = [1, 2, 3, 4, 0, 1, 2, 5, 6, 0, 1, 2, 3, 7, 1, 2]
+    tokens, parents = lookup_tree(ids, budget=20, depth=2, max_n=3, min_n=2, max_matches=4)
+    # "1 2" occurs at 10, 5 and 0: continuations "3 7", "5 6", "3 4", most recent first; shared
+    # prefixes once ("3" is a single node with children 7 and 4); the first is the first chain
+    assert tokens == [3, 7, 5, 6, 4]
+    assert parents == [-1, 0, -1, 2, 0]
+    # the budget cuts the tree in node order (parents always before children)
+    assert lookup_tree(ids, budget=3, depth=2, max_n=3, min_n=2, max_matches=4) == ([3, 7, 5], [-1, 0, -1])
+    assert lookup_tree(ids, budget=20, depth=2, max_n=3, min_n=2, max_matches=1) == ([3, 7], [-1, 0])
+    assert lookup_tree([1, 2, 3], budget=5, depth=3, max_n=3, min_n=1, max_matches=4) == ([], [])
