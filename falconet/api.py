@@ -61,14 +61,21 @@ class LLM:
     served by continuous batching; each output is what the prompt would give alone.
     """
 
-    def __init__(self, model: str | None = None, dtype: str | torch.dtype = "float32", **engine_options):
-        """`engine_options`: fields of `EngineConfig` (max_num_seqs, max_num_batched_tokens,
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str | torch.dtype = "float32",
+        quantization: str | None = None,
+        **engine_options,
+    ):
+        """`quantization`: weight quantization by name (e.g. "int8"), None for none.
+        `engine_options`: fields of `EngineConfig` (max_num_seqs, max_num_batched_tokens,
         max_model_len, kv_cache_memory_gb, enable_prefix_caching, enable_chunked_prefill, ...)."""
         try:
             config = EngineConfig(**engine_options)
         except TypeError as e:
             raise FalconetError(f"unknown engine option: {e}") from None
-        loaded = load_model(model, dtype=dtype, max_model_len=config.max_model_len)
+        loaded = load_model(model, dtype=dtype, max_model_len=config.max_model_len, quantization=quantization)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.engine = LLMEngine(loaded, config)

@@ -15,6 +15,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument(
+        "--quantization", "-q", default=None, help="weight quantization, e.g. int8 (see `falconet methods`)"
+    )
+    p.add_argument(
         "--max-model-len", type=int, default=None, help="context length to allocate (default: the model's)"
     )
 
@@ -54,6 +57,7 @@ def _llm(args):
     return LLM(
         args.model,
         dtype=args.dtype,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         max_num_seqs=1,
         draft_model=args.draft_model,
@@ -214,7 +218,11 @@ def cmd_serve(args) -> int:
     )
     with bind(args.host, args.port) as sock:  # before loading the model: a taken port fails fast
         engine = build_engine(
-            args.model, dtype=args.dtype, max_queue=args.max_queue, **{k: v for k, v in options.items() if v}
+            args.model,
+            dtype=args.dtype,
+            max_queue=args.max_queue,
+            quantization=args.quantization,
+            **{k: v for k, v in options.items() if v},
         )
         serve(
             engine,
@@ -324,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True)
     p = bench.add_parser("latency", help="batch-1 prefill and decode tokens/s")
     p.add_argument("--model", "-m", default=None)
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="comma-separated; DTYPE+QUANT quantizes, e.g. bfloat16+int8",
+    )
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -339,9 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     from falconet.bench.serve import add_serve_bench_parser
 
     add_serve_bench_parser(bench)
+    from falconet.bench.quality import add_quality_parser
     from falconet.bench.spec import add_spec_bench_parser
 
     add_spec_bench_parser(bench)
+    add_quality_parser(bench)
     return parser
 
 

@@ -129,3 +129,15 @@ def test_methods_lists_the_catalogue_as_json():
     assert all(m["exact"] is True for m in speculative.values())
     table = run_cli("methods")
     assert table.returncode == 0 and "ngram" in table.stdout and "SARATHI" in table.stdout
+
+
+def test_generate_with_int8_weights(default_gguf):
+    """--quantization int8 runs the default model on int8 weights: the library gives the same
+    text, and an unknown method is a clean error."""
+    args = ("generate", "The capital of France is", "--model", str(default_gguf), "-n", "12", "-t", "0")
+    res = run_cli(*args, "--dtype", "bfloat16", "--quantization", "int8")
+    assert res.returncode == 0, res.stderr
+    llm = LLM(str(default_gguf), dtype="bfloat16", quantization="int8", max_model_len=256)
+    expected = llm.generate("The capital of France is", SamplingParams(max_tokens=12, temperature=0))[0].text
+    assert res.stdout == expected + "\n" and expected.strip()
+    assert_clean_error(run_cli(*args, "--quantization", "int3"), "unknown quantization method", "int8")

@@ -59,7 +59,8 @@ def bench_latency(
     results = []
     for name in dtypes:
         t = time.perf_counter()
-        loaded = load_model(model, dtype=parse_dtype(name))
+        dtype, _, quantization = name.partition("+")  # e.g. "bfloat16+int8": int8 weights
+        loaded = load_model(model, dtype=parse_dtype(dtype), quantization=quantization or None)
         load_s = time.perf_counter() - t
         # No prefix caching: every repeat must compute its whole prompt.
         config = EngineConfig(

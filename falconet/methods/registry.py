@@ -72,6 +72,16 @@ def _builtin_speculative(registry: Registry) -> None:
 
 
 SPECULATIVE_METHODS = Registry("speculative method", _builtin_speculative)
+
+
+def _builtin_quantization(registry: Registry) -> None:
+    from falconet.methods.quant.int8 import Int8WeightOnly
+
+    for cls in (Int8WeightOnly,):
+        registry._entries[cls.name] = cls
+
+
+QUANTIZATION_METHODS = Registry("quantization method", _builtin_quantization)
 DECODING_STRATEGIES = Registry("decoding strategy")
 
 
@@ -111,6 +121,10 @@ def catalogue() -> list[MethodInfo]:
         cls = SPECULATIVE_METHODS.lookup(name)
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         methods.append(MethodInfo("speculative", name, cls.paper, cls.exact, summary))
+    for name in QUANTIZATION_METHODS.names():
+        cls = QUANTIZATION_METHODS.lookup(name)
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        methods.append(MethodInfo("quantization", name, cls.paper, cls.exact, summary))
     for name in DECODING_STRATEGIES.names():
         cls = DECODING_STRATEGIES.lookup(name)
         methods.append(MethodInfo("decoding", name, getattr(cls, "paper", ""), getattr(cls, "exact", False)))

@@ -42,9 +42,16 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     with_tokenizer: bool = True,
     max_model_len: int | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """`spec`: a known model name (pulled if needed), a .gguf file, or a Hugging Face folder."""
+    """`spec`: a known model name (pulled if needed), a .gguf file, or a Hugging Face folder.
+    `quantization`: a weight quantization method by name (`falconet methods`), or None."""
     dtype = parse_dtype(dtype)
+    quantizer = None
+    if quantization is not None:
+        from falconet.methods.registry import QUANTIZATION_METHODS
+
+        quantizer = QUANTIZATION_METHODS.lookup(quantization)()  # an unknown name fails before loading
     path = resolve(spec)
     if path.is_dir():
         config, weights, tokenizer = _read_hf_folder(path, with_tokenizer)
@@ -53,6 +60,9 @@ def load_model(
     max_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     model = _build(config, max_len, dtype)
     model.load_weights(weights)
+    if quantizer is not None:
+        with torch.no_grad():
+            quantizer.apply(model)
     return LoadedModel(model.eval(), tokenizer, config, path)
 
 

@@ -45,13 +45,17 @@ class _Server(uvicorn.Server):
 
 
 def build_engine(
-    model: str | None, dtype: str = "float32", max_queue: int = 256, **engine_options
+    model: str | None,
+    dtype: str = "float32",
+    max_queue: int = 256,
+    quantization: str | None = None,
+    **engine_options,
 ) -> AsyncEngine:
     try:
         config = EngineConfig(**engine_options)
     except TypeError as e:
         raise FalconetError(f"unknown engine option: {e}") from None
-    loaded = load_model(model, dtype=dtype, max_model_len=config.max_model_len)
+    loaded = load_model(model, dtype=dtype, max_model_len=config.max_model_len, quantization=quantization)
     if loaded.tokenizer is None:
         raise FalconetError(f"{loaded.path}: the server needs a tokenizer")
     return AsyncEngine(LLMEngine(loaded, config), max_queue=max_queue)

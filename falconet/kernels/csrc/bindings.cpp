@@ -12,6 +12,8 @@ void prefill_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                             std::optional<torch::Tensor> key_starts, std::optional<torch::Tensor> key_lengths);
 bool has_bf16_linear();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t out_features, torch::Tensor bias);
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t out_features,
+                          torch::Tensor bias);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, std::optional<torch::Tensor> residual);
 void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul(torch::Tensor gate_up);
@@ -32,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window"), py::arg("scale"), py::arg("key_starts") = py::none(), py::arg("key_lengths") = py::none());
   m.def("has_bf16_linear", &has_bf16_linear, "whether linear_bf16 was built (the CPU has AVX512-BF16)");
   m.def("linear_bf16", &linear_bf16, "x W^T + b with W packed by pack_linear_weight_bf16", nogil);
+  m.def("linear_int8", &linear_int8, "x (W * scale)^T + b with int8 W packed like linear_bf16's", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally after residual += x", nogil,
         py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("rope_", &rope_, "rotate-half RoPE of q and k in place", nogil);

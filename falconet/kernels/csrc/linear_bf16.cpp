@@ -11,6 +11,11 @@
 //
 // Every output is accumulated in float32 over K in one fixed order, whatever the number of rows
 // or threads, so a row's result does not depend on what else is in the batch.
+//
+// linear_int8 is the same kernel over weight-only int8 weights (one float32 scale per output
+// feature): the packed tile holds int8 in the same [K/2][16][2] order, half the bytes to stream;
+// each 32-byte load is widened to the bf16 pairs vdpbf16ps takes (int8 values are exact in bf16)
+// and the scale is applied to the float32 sums at the end.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -27,6 +32,16 @@ namespace {
 constexpr int kTile = 16;      // output features per tile: one zmm of float32 sums
 constexpr int kPrefetch = 8;   // K pairs ahead (8 x 64 bytes per tile)
 
+// 16 output features x one pair of K as the bf16 operand of vdpbf16ps, from either weight type.
+inline __m512bh load_weights(const uint16_t* w) { return (__m512bh)_mm512_loadu_si512(w); }
+
+inline __m512bh load_weights(const int8_t* w) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+  const __m512 hi =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);  // lo's 16 values first: the tile's order is kept
+}
+
 inline __m512bh broadcast_pair(const uint16_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof(v));
@@ -37,10 +52,11 @@ inline __m512bh broadcast_pair(const uint16_t* p) {
 // prefetch: the weights of this block are still in memory: fetch them a few pairs ahead.
 // ahead (or null): the next tile group, to be brought into L2 while this block computes from cache;
 // this pass fetches its pairs p with p % passes == pass, so the group's passes share the work.
-template <int MR, int NR>
-void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t tile_stride, int64_t pairs,
-           const float* bias, uint16_t* y, int64_t ldy, int last_cols, bool prefetch,
-           const uint16_t* ahead, int ahead_tiles, int pass, int passes) {
+// scale (or null): per output feature, multiplies the sums before the bias (int8 weights).
+template <typename W, int MR, int NR>
+void block(const uint16_t* x, int64_t ldx, const W* w, int64_t tile_stride, int64_t pairs,
+           const float* scale, const float* bias, uint16_t* y, int64_t ldy, int last_cols, bool prefetch,
+           const W* ahead, int ahead_tiles, int pass, int passes) {
   __m512 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int t = 0; t < NR; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -48,9 +64,11 @@ void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t tile_strid
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh wv[NR];
     for (int t = 0; t < NR; ++t) {
-      const uint16_t* wt = w + t * tile_stride + p * 2 * kTile;
-      wv[t] = (__m512bh)_mm512_loadu_si512(wt);
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wt + kPrefetch * 2 * kTile), _MM_HINT_T0);
+      const W* wt = w + t * tile_stride + p * 2 * kTile;
+      wv[t] = load_weights(wt);
+      // as many bytes ahead for either type: int8 pairs are half as long
+      constexpr int64_t ahead_elems = kPrefetch * 2 * kTile * (2 / sizeof(W));
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wt + ahead_elems), _MM_HINT_T0);
     }
     if (ahead && p == next_ahead) {  // (a counter, not p % passes: no division per pair)
       for (int t = 0; t < ahead_tiles; ++t)
@@ -64,6 +82,8 @@ void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t tile_strid
   }
   for (int t = 0; t < NR; ++t) {
     const __m512 b = bias ? _mm512_loadu_ps(bias + t * kTile) : _mm512_setzero_ps();
+    if (scale)
+      for (int r = 0; r < MR; ++r) acc[r][t] = _mm512_mul_ps(acc[r][t], _mm512_loadu_ps(scale + t * kTile));
     // The last tile of the layer may hang over the end of the output row.
     const __mmask16 mask = (t == NR - 1 && last_cols < kTile) ? (__mmask16)((1u << last_cols) - 1) : (__mmask16)0xffff;
     for (int r = 0; r < MR; ++r) {
@@ -73,48 +93,30 @@ void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t tile_strid
   }
 }
 
-using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const float*, uint16_t*,
-                         int64_t, int, bool, const uint16_t*, int, int, int);
+template <typename W>
+using BlockFn = void (*)(const uint16_t*, int64_t, const W*, int64_t, int64_t, const float*, const float*,
+                         uint16_t*, int64_t, int, bool, const W*, int, int, int);
 
-template <int MR>
-constexpr BlockFn pick(int nr) {
-  return nr == 1 ? block<MR, 1> : nr == 2 ? block<MR, 2> : nr == 3 ? block<MR, 3> : block<MR, 4>;
+template <typename W, int MR>
+constexpr BlockFn<W> pick(int nr) {
+  return nr == 1 ? block<W, MR, 1> : nr == 2 ? block<W, MR, 2> : nr == 3 ? block<W, MR, 3> : block<W, MR, 4>;
 }
 
-BlockFn block_fn(int mr, int nr) {
+template <typename W>
+BlockFn<W> block_fn(int mr, int nr) {
   switch (mr) {
-    case 1: return pick<1>(nr);
-    case 2: return pick<2>(nr);
-    case 3: return pick<3>(nr);
-    default: return pick<4>(nr);
+    case 1: return pick<W, 1>(nr);
+    case 2: return pick<W, 2>(nr);
+    case 3: return pick<W, 3>(nr);
+    default: return pick<W, 4>(nr);
   }
 }
 
-}  // namespace
-
-bool has_bf16_linear() { return true; }
-
-// x [M, K] bf16 (rows contiguous), packed [tiles, K/2, 16, 2] bf16, bias [N] float32 or empty.
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t out_features, torch::Tensor bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.stride(1) == 1,
-              "linear_bf16: x must be bf16 [M, K] with contiguous rows");
-  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous() &&
-                  packed.size(2) == kTile && packed.size(3) == 2,
-              "linear_bf16: weights must come from pack_linear_weight_bf16");
-  const int64_t m = x.size(0), k = x.size(1), tiles = packed.size(0), pairs = packed.size(1);
-  TORCH_CHECK(k == 2 * pairs, "linear_bf16: x has ", k, " features, the weights expect ", 2 * pairs);
-  TORCH_CHECK(out_features > (tiles - 1) * kTile && out_features <= tiles * kTile, "linear_bf16: bad out_features");
-  const bool has_bias = bias.defined() && bias.numel() > 0;
-  if (has_bias)
-    TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.is_contiguous() && bias.numel() == tiles * kTile,
-                "linear_bf16: bias must be float32, padded to whole tiles");
-  auto y = torch::empty({m, out_features}, x.options().memory_format(torch::MemoryFormat::Contiguous));
-  if (m == 0) return y;
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  const int64_t ldx = x.stride(0), tile_stride = pairs * 2 * kTile;
+// y [M, N] = x [M, K] W^T (* scale) + bias, W packed as [tiles, K/2, 16, 2] of W.
+template <typename W>
+void run_linear(const uint16_t* xp, int64_t m, int64_t k, int64_t ldx, const W* wp, int64_t tiles, int64_t pairs,
+                int64_t out_features, const float* sp, const float* bp, uint16_t* yp) {
+  const int64_t tile_stride = pairs * 2 * kTile;
   // Weights are the big stream at decode batch sizes: split them, not the rows, across threads.
   // Prefill-sized x is swept in chunks of rows that stay in L2 (about 384 KB) while the thread's
   // weights pass by, so neither operand is re-read from memory once per block of the other.
@@ -131,18 +133,66 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t out_fea
         // instead prefetch the next group between them and computing overlaps the stream.
         const int passes = static_cast<int>((c1 - c0 + 3) / 4);
         const int64_t next_nr = std::min<int64_t>(4, end - last);
-        const uint16_t* ahead = passes > 1 && next_nr > 0 ? wp + last * tile_stride : nullptr;
+        const W* ahead = passes > 1 && next_nr > 0 ? wp + last * tile_stride : nullptr;
         for (int64_t r0 = c0; r0 < c1; r0 += 4) {
           const int mr = static_cast<int>(std::min<int64_t>(4, c1 - r0));
           const int pass = static_cast<int>((r0 - c0) / 4);
-          block_fn(mr, nr)(xp + r0 * ldx, ldx, wp + t0 * tile_stride, tile_stride, pairs,
-                           bp ? bp + t0 * kTile : nullptr, yp + r0 * out_features + t0 * kTile, out_features,
-                           last_cols, r0 == c0, ahead,
-                           static_cast<int>(next_nr), pass, passes);
+          block_fn<W>(mr, nr)(xp + r0 * ldx, ldx, wp + t0 * tile_stride, tile_stride, pairs,
+                              sp ? sp + t0 * kTile : nullptr, bp ? bp + t0 * kTile : nullptr,
+                              yp + r0 * out_features + t0 * kTile, out_features, last_cols, r0 == c0, ahead,
+                              static_cast<int>(next_nr), pass, passes);
         }
       }
     }
   });
+}
+
+// Shared checks of x, the packed weights, and a float32 vector padded to whole tiles (bias, scale).
+void check_linear(const char* name, const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
+                  const torch::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.stride(1) == 1, name,
+              ": x must be bf16 [M, K] with contiguous rows");
+  TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.size(2) == kTile && packed.size(3) == 2, name,
+              ": weights must come from the matching pack function");
+  const int64_t k = x.size(1), tiles = packed.size(0), pairs = packed.size(1);
+  TORCH_CHECK(k == 2 * pairs, name, ": x has ", k, " features, the weights expect ", 2 * pairs);
+  TORCH_CHECK(out_features > (tiles - 1) * kTile && out_features <= tiles * kTile, name, ": bad out_features");
+  if (bias.defined() && bias.numel() > 0)
+    TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.is_contiguous() && bias.numel() == tiles * kTile,
+                name, ": bias must be float32, padded to whole tiles");
+}
+
+}  // namespace
+
+bool has_bf16_linear() { return true; }
+
+// x [M, K] bf16 (rows contiguous), packed [tiles, K/2, 16, 2] bf16, bias [N] float32 or empty.
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t out_features, torch::Tensor bias) {
+  check_linear("linear_bf16", x, packed, out_features, bias);
+  TORCH_CHECK(packed.scalar_type() == torch::kBFloat16, "linear_bf16: weights must be bf16");
+  auto y = torch::empty({x.size(0), out_features}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (x.size(0) == 0) return y;
+  run_linear<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
+                       x.stride(0), reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
+                       packed.size(0), packed.size(1), out_features, nullptr,
+                       bias.defined() && bias.numel() > 0 ? bias.data_ptr<float>() : nullptr,
+                       reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
+// The same with int8 weights [tiles, K/2, 16, 2] and scale [tiles * 16] float32 per output feature.
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t out_features,
+                          torch::Tensor bias) {
+  check_linear("linear_int8", x, packed, out_features, bias);
+  TORCH_CHECK(packed.scalar_type() == torch::kChar, "linear_int8: weights must be int8");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == packed.size(0) * kTile,
+              "linear_int8: scale must be float32, padded to whole tiles");
+  auto y = torch::empty({x.size(0), out_features}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (x.size(0) == 0) return y;
+  run_linear<int8_t>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
+                     x.stride(0), packed.data_ptr<int8_t>(), packed.size(0), packed.size(1), out_features,
+                     scale.data_ptr<float>(), bias.defined() && bias.numel() > 0 ? bias.data_ptr<float>() : nullptr,
+                     reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
   return y;
 }
 
@@ -152,6 +202,10 @@ bool has_bf16_linear() { return false; }
 
 torch::Tensor linear_bf16(torch::Tensor, torch::Tensor, int64_t, torch::Tensor) {
   TORCH_CHECK(false, "linear_bf16 needs a CPU with AVX512-BF16");
+}
+
+torch::Tensor linear_int8(torch::Tensor, torch::Tensor, torch::Tensor, int64_t, torch::Tensor) {
+  TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-BF16");
 }
 
 #endif

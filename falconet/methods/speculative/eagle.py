@@ -38,7 +38,7 @@ from falconet.errors import FalconetError
 from falconet.methods.speculative.artifacts import find_artifact, read_artifact, save_artifact
 from falconet.methods.speculative.base import Draft, Proposer, ProposerError, merge_trees
 from falconet.methods.speculative.drafting import choose_tokens, finish_drafts, new_drafts
-from falconet.methods.speculative.ngram import lookup_tree
+from falconet.methods.speculative.ngram import NgramIndex, lookup_tree
 from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.linear import Linear
 from falconet.models.llama import DecoderLayer, LlamaForCausalLM, RMSNorm
@@ -290,6 +290,14 @@ class EagleTreeProposer(EagleProposer):
     root_candidates = 3  # the head's top tokens offered at the first position
     ngram = (6, 4, 2, 4)  # n-gram tree: depth, longest and shortest n, matches per n
 
+    def __init__(self, engine, head=None):
+        super().__init__(engine, head)
+        self._indexes: dict[str, NgramIndex] = {}
+
+    def on_reset(self, req) -> None:
+        super().on_reset(req)
+        self._indexes.pop(req.request_id, None)
+
     def propose(self, requests, max_tokens):
         self._budget = max_tokens
         return super().propose(requests, [min(k, self.chain_tokens) for k in max_tokens])
@@ -311,7 +319,10 @@ class EagleTreeProposer(EagleProposer):
                         root.add(t)
                         tokens.append(t)
                         parents.append(-1)
-            grams, gram_parents = lookup_tree(req.all_ids, budget, *self.ngram)
+            index = self._indexes.get(req.request_id)
+            if index is None:
+                index = self._indexes[req.request_id] = NgramIndex(self.ngram[2], self.ngram[1])
+            grams, gram_parents = lookup_tree(req.all_ids, budget, *self.ngram, index)
             tokens, parents = merge_trees(tokens, parents, grams, gram_parents, budget)
             out.append(Draft(tokens, parents=parents))
         return out

@@ -5,7 +5,8 @@ Saxena (2023), "Prompt Lookup Decoding", and vLLM's ngram proposer; the same ide
 (Yang et al., 2023, "Inference with Reference: Lossless Acceleration of Large Language Models").
 Output often repeats spans of the prompt (summaries, retrieval answers, code edits) or of
 itself: the continuation of an earlier match is a free guess. Deterministic drafts (q is a
-point mass), no model call, no state.
+point mass), no model call. Each request keeps an index of its n-grams, extended by the new
+tokens of each step, so a lookup costs the same however long the text grows.
 
 `ngram-tree` drafts every earlier match at once: the continuations of the most recent matches of
 the longest n-grams first, merged into a token tree (shared prefixes once) under a node budget,
@@ -16,50 +17,74 @@ of them is likely the right one; that is the retrieval side of Lookahead decodin
 
 from __future__ import annotations
 
-import numpy as np
-
 from falconet.methods.speculative.base import Draft, Proposer
 
 
-def _matches(arr: np.ndarray, n: int) -> np.ndarray:
-    """Starts of the earlier occurrences of arr's last n tokens, most recent first."""
-    windows = np.lib.stride_tricks.sliding_window_view(arr[: len(arr) - 1], n)
-    return np.flatnonzero((windows == arr[len(arr) - n :]).all(axis=1))[::-1]
+class NgramIndex:
+    """Where each n-gram (min_n <= n <= max_n) of a growing token list occurred, by the position
+    of the token that followed it. The list's last n-gram has no follower yet, so a lookup
+    never finds the suffix itself."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.ids: list[int] = []
+        self._followers: dict[tuple[int, ...], list[int]] = {}
+
+    def update(self, ids: list[int]) -> None:
+        """ids: the whole list, which only grows (earlier tokens never change)."""
+        old = len(self.ids)
+        self.ids.extend(ids[old:])
+        for follower in range(max(old, 1), len(self.ids)):
+            for n in range(self.min_n, min(self.max_n, follower) + 1):
+                self._followers.setdefault(tuple(self.ids[follower - n : follower]), []).append(follower)
+
+    def continuations(self, n: int, limit: int):
+        """Positions after the up to `limit` latest earlier occurrences of the last n tokens."""
+        if n > len(self.ids):
+            return []
+        found = self._followers.get(tuple(self.ids[len(self.ids) - n :]), [])
+        return found[::-1][:limit]
 
 
-def lookup(ids: list[int], k: int, max_n: int, min_n: int) -> list[int]:
+def lookup(ids: list[int], k: int, max_n: int, min_n: int, index: NgramIndex | None = None) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of ids' last n tokens, for the
     longest n in [min_n, max_n] that has one."""
-    arr = np.asarray(ids, dtype=np.int64)
-    length = len(arr)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # candidate starts s < length - n (not the suffix itself), with a token after the match
-        hits = _matches(arr, n)
-        if hits.size:
-            start = int(hits[0]) + n
-            return arr[start : start + k].tolist()
+    if index is None:
+        index = NgramIndex(min_n, max_n)
+    index.update(ids)
+    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
+        found = index.continuations(n, 1)
+        if found:
+            return list(ids[found[0] : found[0] + k])
     return []
 
 
 def lookup_tree(
-    ids: list[int], budget: int, depth: int, max_n: int, min_n: int, max_matches: int
+    ids: list[int],
+    budget: int,
+    depth: int,
+    max_n: int,
+    min_n: int,
+    max_matches: int,
+    index: NgramIndex | None = None,
 ) -> tuple[list[int], list[int]]:
     """A token tree (tokens, parents) of at most `budget` nodes: the continuations (up to `depth`
     tokens) of up to `max_matches` earlier matches of the last n tokens per n, longest n and
     most recent match first. The first continuation is the tree's first chain."""
-    arr = np.asarray(ids, dtype=np.int64)
+    if index is None:
+        index = NgramIndex(min_n, max_n)
+    index.update(ids)
     tokens: list[int] = []
     parents: list[int] = []
     node_of: dict[tuple[int, int], int] = {}
     seen: set[int] = set()
-    for n in range(min(max_n, len(arr) - 1), min_n - 1, -1):
-        for hit in _matches(arr, n)[:max_matches].tolist():
-            start = hit + n
+    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
+        for start in index.continuations(n, max_matches):
             if start in seen:  # the same place, found again by a shorter n-gram
                 continue
             seen.add(start)
             node = -1
-            for token in arr[start : start + depth].tolist():
+            for token in ids[start : start + depth]:
                 key = (node, token)
                 if key not in node_of:
                     if len(tokens) == budget:
@@ -71,22 +96,40 @@ def lookup_tree(
     return tokens, parents
 
 
-class NgramProposer(Proposer):
+class _Indexed(Proposer):
+    """A proposer that keeps each request's n-gram index until the request leaves."""
+
+    max_n, min_n = 4, 2
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self._indexes: dict[str, NgramIndex] = {}
+
+    def index(self, req) -> NgramIndex:
+        index = self._indexes.get(req.request_id)
+        if index is None:
+            index = self._indexes[req.request_id] = NgramIndex(self.min_n, self.max_n)
+        return index
+
+    def on_reset(self, req) -> None:
+        self._indexes.pop(req.request_id, None)
+
+
+class NgramProposer(_Indexed):
     """Drafts what followed the last earlier match of the latest n-gram (Prompt Lookup Decoding)."""
 
     name = "ngram"
     paper = "Prompt Lookup Decoding (Saxena, 2023); LLMA (Yang et al., 2023)"
     default_num_tokens = 5
-    max_n, min_n = 4, 2
 
     def propose(self, requests, max_tokens):
         return [
-            Draft(lookup(r.all_ids, k, self.max_n, self.min_n))
+            Draft(lookup(r.all_ids, k, self.max_n, self.min_n, self.index(r)))
             for r, k in zip(requests, max_tokens, strict=True)
         ]
 
 
-class NgramTreeProposer(Proposer):
+class NgramTreeProposer(_Indexed):
     """Drafts the continuations of many earlier n-gram matches as one token tree."""
 
     name = "ngram-tree"
@@ -98,6 +141,8 @@ class NgramTreeProposer(Proposer):
     def propose(self, requests, max_tokens):
         drafts = []
         for r, k in zip(requests, max_tokens, strict=True):
-            tokens, parents = lookup_tree(r.all_ids, k, self.depth, self.max_n, self.min_n, self.max_matches)
+            tokens, parents = lookup_tree(
+                r.all_ids, k, self.depth, self.max_n, self.min_n, self.max_matches, self.index(r)
+            )
             drafts.append(Draft(tokens, parents=parents))
         return drafts

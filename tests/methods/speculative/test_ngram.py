@@ -29,3 +29,22 @@ def test_tree_merges_the_continuations_of_all_matches():
     assert lookup_tree(ids, budget=3, depth=2, max_n=3, min_n=2, max_matches=4) == ([3, 7, 5], [-1, 0, -1])
     assert lookup_tree(ids, budget=20, depth=2, max_n=3, min_n=2, max_matches=1) == ([3, 7], [-1, 0])
     assert lookup_tree([1, 2, 3], budget=5, depth=3, max_n=3, min_n=1, max_matches=4) == ([], [])
+
+
+def test_the_index_grown_step_by_step_finds_what_a_fresh_search_finds():
+    import random
+
+    from falconet.methods.speculative.ngram import NgramIndex, lookup_tree
+
+    rng = random.Random(0)
+    ids = [rng.randrange(6) for _ in range(5)]
+    grown = NgramIndex(1, 3)
+    while len(ids) < 300:
+        ids.extend(rng.randrange(6) for _ in range(rng.randint(1, 4)))  # a step adds 1-4 tokens
+        for n in (1, 2, 3):  # brute force: followers of earlier occurrences of the last n tokens
+            expect = [f for f in range(len(ids) - 1, n - 1, -1) if ids[f - n : f] == ids[-n:]][:3]
+            fresh = NgramIndex(1, 3)
+            fresh.update(ids)
+            assert fresh.continuations(n, 3) == expect
+        assert lookup(ids, 4, 3, 1, grown) == lookup(ids, 4, 3, 1)
+        assert lookup_tree(ids, 10, 4, 3, 1, 3, grown) == lookup_tree(ids, 10, 4, 3, 1, 3)

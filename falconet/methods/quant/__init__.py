@@ -1,0 +1,1 @@
+"""Weight quantization: one module per method, each registered by name (methods/registry.py)."""
