@@ -23,6 +23,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -134,6 +136,26 @@ void run_linear(const uint16_t* xp, int64_t m, int64_t k, int64_t ldx, const W* 
         const int passes = static_cast<int>((c1 - c0 + 3) / 4);
         const int64_t next_nr = std::min<int64_t>(4, end - last);
         const W* ahead = passes > 1 && next_nr > 0 ? wp + last * tile_stride : nullptr;
+        if constexpr (std::is_same_v<W, int8_t>) {
+          if (passes > 2) {
+            // Many rows: widen the group's int8 tiles to bf16 once (into L2), not once per pass;
+            // the same values the registers would hold, so the results are bitwise the same.
+            thread_local std::vector<uint16_t> widened;
+            widened.resize(nr * tile_stride);
+            for (int t = 0; t < nr; ++t)
+              for (int64_t p = 0; p < pairs; ++p)
+                _mm512_storeu_si512(widened.data() + t * tile_stride + p * 2 * kTile,
+                                    (__m512i)load_weights(wp + (t0 + t) * tile_stride + p * 2 * kTile));
+            for (int64_t r0 = c0; r0 < c1; r0 += 4) {
+              const int mr = static_cast<int>(std::min<int64_t>(4, c1 - r0));
+              block_fn<uint16_t>(mr, nr)(xp + r0 * ldx, ldx, widened.data(), tile_stride, pairs,
+                                         sp ? sp + t0 * kTile : nullptr, bp ? bp + t0 * kTile : nullptr,
+                                         yp + r0 * out_features + t0 * kTile, out_features, last_cols, false,
+                                         nullptr, 0, 0, 1);
+            }
+            continue;
+          }
+        }
         for (int64_t r0 = c0; r0 < c1; r0 += 4) {
           const int mr = static_cast<int>(std::min<int64_t>(4, c1 - r0));
           const int pass = static_cast<int>((r0 - c0) / 4);

@@ -92,3 +92,16 @@ def test_registered_and_unknown_names_fail_clearly(tiny_llama64_dir):
     assert entry.exact is False and "int8" in entry.paper
     with pytest.raises(FalconetError, match="unknown quantization method"):
         load_model(tiny_llama64_dir, with_tokenizer=False, quantization="int3")
+
+
+@pytest.mark.skipif(not has_kernel, reason="needs the AVX512-BF16 kernel")
+@pytest.mark.parametrize("m", [2, 9, 64, 700])
+def test_each_row_is_independent_of_the_batch(m):
+    """Up to 8 rows widen int8 tiles in registers, more rows widen them once into a buffer: the
+    same bf16 values either way, so a row's output is bitwise the same alone and in any batch."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 1536, generator=g).bfloat16()
+    layer = Int8Linear(nn.Linear(1536, 96, bias=False))
+    batch = layer(x)
+    for i in (0, m // 2, m - 1):
+        assert torch.equal(layer(x[i : i + 1].contiguous())[0], batch[i])
