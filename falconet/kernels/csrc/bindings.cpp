@@ -14,6 +14,8 @@ bool has_bf16_linear();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t out_features, torch::Tensor bias);
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t out_features,
                           torch::Tensor bias);
+torch::Tensor linear_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor d, torch::Tensor mins,
+                        int64_t out_features, torch::Tensor bias, int64_t group);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, std::optional<torch::Tensor> residual);
 void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul(torch::Tensor gate_up);
@@ -35,6 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_bf16_linear", &has_bf16_linear, "whether linear_bf16 was built (the CPU has AVX512-BF16)");
   m.def("linear_bf16", &linear_bf16, "x W^T + b with W packed by pack_linear_weight_bf16", nogil);
   m.def("linear_int8", &linear_int8, "x (W * scale)^T + b with int8 W packed like linear_bf16's", nogil);
+  m.def("linear_q4", &linear_q4, "x W^T + b with 4-bit W (q * d + m per block) packed by pack_int4", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally after residual += x", nogil,
         py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("rope_", &rope_, "rotate-half RoPE of q and k in place", nogil);

@@ -15,7 +15,8 @@
 // linear_int8 is the same kernel over weight-only int8 weights (one float32 scale per output
 // feature): the packed tile holds int8 in the same [K/2][16][2] order, half the bytes to stream;
 // each 32-byte load is widened to the bf16 pairs vdpbf16ps takes (int8 values are exact in bf16)
-// and the scale is applied to the float32 sums at the end.
+// and the scale is applied to the float32 sums at the end. linear_q4 takes 4-bit blocks (see
+// block_q4 below) without dequantizing them.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -169,6 +170,124 @@ void run_linear(const uint16_t* xp, int64_t m, int64_t k, int64_t ldx, const W* 
   });
 }
 
+// 4-bit weights: per tile, K runs in pairs of pairs: 32 bytes hold two pairs' 32 values each
+// (values in the bf16 tile order), byte j = value j of the first pair | value j of the second
+// pair << 4. weight = q * d + m with d, m fp16 per output feature and block of `group` K. No
+// weight is dequantized: a nibble q in a 16-bit lane OR-ed with 0x4300 is exactly the bf16
+// number 128 + q, so one vdpbf16ps per pair gives sum x (128 + q) over a block, and per block
+// and output
+//   sum x w = d * sum x (128 + q) + (m - 128 d) * sum x,
+// with sum x (the block's input sum) computed once per row. Each output still sums in one fixed
+// order whatever the batch, so rows stay independent of it.
+constexpr int kTernaryAndOr = 0xEA;  // vpternlog: (a & b) | c
+
+// MR rows x NR tiles. q: first tile's bytes (tiles q_stride bytes apart); d, m: per tile and
+// block, 16 fp16 (tiles dm_stride apart); xs: per row, per block sums of x (ldxs apart).
+template <int MR, int NR>
+void block_q4(const uint16_t* x, int64_t ldx, const uint8_t* q, int64_t q_stride, const uint16_t* d,
+              const uint16_t* m, int64_t dm_stride, const float* xs, int64_t ldxs, int64_t pairs,
+              int64_t group_pairs, const float* bias, uint16_t* y, int64_t ldy, int last_cols, bool prefetch) {
+  const __m512i low4 = _mm512_set1_epi16(0x0f), one28 = _mm512_set1_epi16(0x4300);
+  __m512 total[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NR; ++t) total[r][t] = _mm512_setzero_ps();
+  for (int64_t p0 = 0, g = 0; p0 < pairs; p0 += group_pairs, ++g) {
+    __m512 acc[MR][NR];
+    for (int r = 0; r < MR; ++r)
+      for (int t = 0; t < NR; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t p = p0; p < p0 + group_pairs; p += 2) {
+      __m512bh w0[NR], w1[NR];
+      for (int t = 0; t < NR; ++t) {
+        const uint8_t* qt = q + t * q_stride + p * kTile;  // 16 bytes per pair
+        if (prefetch && (p & 2) == 0) _mm_prefetch(reinterpret_cast<const char*>(qt + 1024), _MM_HINT_T0);
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qt)));
+        w0[t] = (__m512bh)_mm512_ternarylogic_epi32(b, low4, one28, kTernaryAndOr);
+        w1[t] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), low4, one28, kTernaryAndOr);
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh x0 = broadcast_pair(x + r * ldx + 2 * p), x1 = broadcast_pair(x + r * ldx + 2 * p + 2);
+        for (int t = 0; t < NR; ++t) {
+          acc[r][t] = _mm512_dpbf16_ps(acc[r][t], x0, w0[t]);
+          acc[r][t] = _mm512_dpbf16_ps(acc[r][t], x1, w1[t]);
+        }
+      }
+    }
+    for (int t = 0; t < NR; ++t) {
+      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + t * dm_stride + g * kTile)));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + t * dm_stride + g * kTile)));
+      const __m512 cv = _mm512_fnmadd_ps(dv, _mm512_set1_ps(128.0f), mv);  // m - 128 d
+      for (int r = 0; r < MR; ++r) {
+        total[r][t] = _mm512_fmadd_ps(acc[r][t], dv, total[r][t]);
+        total[r][t] = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * ldxs + g]), cv, total[r][t]);
+      }
+    }
+  }
+  for (int t = 0; t < NR; ++t) {
+    const __m512 b = bias ? _mm512_loadu_ps(bias + t * kTile) : _mm512_setzero_ps();
+    const __mmask16 mask = (t == NR - 1 && last_cols < kTile) ? (__mmask16)((1u << last_cols) - 1) : (__mmask16)0xffff;
+    for (int r = 0; r < MR; ++r) {
+      const __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(total[r][t], b));
+      _mm256_mask_storeu_epi16(y + r * ldy + t * kTile, mask, out);
+    }
+  }
+}
+
+using BlockQ4 = void (*)(const uint16_t*, int64_t, const uint8_t*, int64_t, const uint16_t*, const uint16_t*,
+                         int64_t, const float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, int, bool);
+
+template <int MR>
+constexpr BlockQ4 pick_q4(int nr) {
+  return nr == 1 ? block_q4<MR, 1> : nr == 2 ? block_q4<MR, 2> : nr == 3 ? block_q4<MR, 3> : block_q4<MR, 4>;
+}
+
+BlockQ4 block_q4_fn(int mr, int nr) {
+  switch (mr) {
+    case 1: return pick_q4<1>(nr);
+    case 2: return pick_q4<2>(nr);
+    case 3: return pick_q4<3>(nr);
+    default: return pick_q4<4>(nr);
+  }
+}
+
+void run_q4(const uint16_t* xp, int64_t m, int64_t k, int64_t ldx, const uint8_t* qp, const uint16_t* dp,
+            const uint16_t* mp, int64_t tiles, int64_t pairs, int64_t group_pairs, int64_t out_features,
+            const float* bp, uint16_t* yp) {
+  const int64_t groups = pairs / group_pairs, q_stride = pairs * kTile, dm_stride = groups * kTile;
+  // per row and block: the sum of x, in float32 (the same for every output, every batch)
+  std::vector<float> xs(m * groups);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < 2 * group_pairs; ++i) {
+        uint32_t bits = static_cast<uint32_t>(xp[r * ldx + g * 2 * group_pairs + i]) << 16;
+        float v;
+        std::memcpy(&v, &bits, sizeof(v));
+        sum += v;
+      }
+      xs[r * groups + g] = sum;
+    }
+  const int64_t chunk = std::max<int64_t>(4, (384 * 1024 / (2 * k)) / 4 * 4);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+      const int64_t c1 = std::min(m, c0 + chunk);
+      // Few rows: 4 tiles at once (more weight streams in flight); more: 2, so the block's
+      // sums fit in registers (twice as many as bf16's: per block and in all).
+      const int64_t step = c1 - c0 <= 2 ? 4 : 2;
+      for (int64_t t0 = begin; t0 < end; t0 += step) {
+        const int nr = static_cast<int>(std::min<int64_t>(step, end - t0));
+        const int last_cols = static_cast<int>(std::min<int64_t>(kTile, out_features - (t0 + nr - 1) * kTile));
+        for (int64_t r0 = c0; r0 < c1; r0 += 4) {
+          const int mr = static_cast<int>(std::min<int64_t>(4, c1 - r0));
+          block_q4_fn(mr, nr)(xp + r0 * ldx, ldx, qp + t0 * q_stride, q_stride, dp + t0 * dm_stride,
+                              mp + t0 * dm_stride, dm_stride, xs.data() + r0 * groups, groups, pairs, group_pairs,
+                              bp ? bp + t0 * kTile : nullptr, yp + r0 * out_features + t0 * kTile, out_features,
+                              last_cols, r0 == c0);
+        }
+      }
+    }
+  });
+}
+
 // Shared checks of x, the packed weights, and a float32 vector padded to whole tiles (bias, scale).
 void check_linear(const char* name, const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
                   const torch::Tensor& bias) {
@@ -218,9 +337,43 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   return y;
 }
 
+// x [M, K] bf16; packed uint8 [tiles, K/4, 32]; d and m fp16 [tiles, K/group, 16].
+torch::Tensor linear_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor d, torch::Tensor mins,
+                        int64_t out_features, torch::Tensor bias, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.stride(1) == 1,
+              "linear_q4: x must be bf16 [M, K] with contiguous rows");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kByte && packed.is_contiguous() &&
+                  packed.size(2) == 2 * kTile,
+              "linear_q4: weights must come from pack_int4");
+  const int64_t k = x.size(1), tiles = packed.size(0), pairs = 2 * packed.size(1);
+  TORCH_CHECK(k == 2 * pairs, "linear_q4: x has ", k, " features, the weights expect ", 2 * pairs);
+  TORCH_CHECK(group >= 4 && group % 4 == 0 && k % group == 0, "linear_q4: bad group size ", group);
+  TORCH_CHECK(out_features > (tiles - 1) * kTile && out_features <= tiles * kTile, "linear_q4: bad out_features");
+  for (const auto* t : {&d, &mins})
+    TORCH_CHECK(t->scalar_type() == torch::kHalf && t->is_contiguous() && t->dim() == 3 && t->size(0) == tiles &&
+                    t->size(1) == k / group && t->size(2) == kTile,
+                "linear_q4: scales and minimums must be fp16 [tiles, K/group, 16]");
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  if (has_bias)
+    TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.is_contiguous() && bias.numel() == tiles * kTile,
+                "linear_q4: bias must be float32, padded to whole tiles");
+  auto y = torch::empty({x.size(0), out_features}, x.options().memory_format(torch::MemoryFormat::Contiguous));
+  if (x.size(0) == 0) return y;
+  run_q4(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), k, x.stride(0),
+         packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
+         reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()), tiles, pairs, group / 2, out_features,
+         has_bias ? bias.data_ptr<float>() : nullptr, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
 #else
 
 bool has_bf16_linear() { return false; }
+
+torch::Tensor linear_q4(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, torch::Tensor,
+                        int64_t) {
+  TORCH_CHECK(false, "linear_q4 needs a CPU with AVX512-BF16");
+}
 
 torch::Tensor linear_bf16(torch::Tensor, torch::Tensor, int64_t, torch::Tensor) {
   TORCH_CHECK(false, "linear_bf16 needs a CPU with AVX512-BF16");

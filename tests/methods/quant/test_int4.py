@@ -1,0 +1,133 @@
+"""Blockwise 4-bit weights: rounding, the kernel against the dequantized weights, the default
+model's Q4_1 grid found again, and a quantized model close to the float one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from falconet.kernels import cpu_kernels
+from falconet.methods.quant.int4 import Int4Linear, dequantize_int4, pack_int4, quantize_int4
+from falconet.methods.quant.int8 import Int8Linear
+from falconet.methods.registry import catalogue
+from falconet.models.loader import load_model
+
+kernels = cpu_kernels()
+has_kernel = kernels is not None and kernels.has_bf16_linear()
+
+
+def test_round_to_nearest_per_block():
+    w = torch.randn(24, 128) * torch.linspace(0.01, 3, 24)[:, None]
+    q, d, m = quantize_int4(w, 32)
+    assert q.dtype == torch.uint8 and int(q.max()) == 15 and d.shape == m.shape == (24, 4)
+    err = (dequantize_int4(q, d, m) - w).abs().reshape(24, 4, 32)
+    # half a step, plus what fp16 scales and minimums round away
+    assert (err <= d.float()[..., None] * 0.5 + w.abs().max() * 2e-3).all()
+    with pytest.raises(ValueError, match="group size"):
+        quantize_int4(torch.randn(4, 40), 32)
+
+
+def test_weights_already_on_a_block_grid_come_back_exactly():
+    """Q4_1-style blocks (each using its 0 and 15) are found again: the default model's case."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (16, 64), generator=g, dtype=torch.uint8)
+    q[:, ::32] = 0
+    q[:, 1::32] = 15
+    d = (torch.rand(16, 2, generator=g) * 0.1).half()
+    m = (-torch.rand(16, 2, generator=g)).half()
+    w = dequantize_int4(q, d, m)
+    q2, d2, m2 = quantize_int4(w, 32)
+    assert torch.equal(q2, q) and torch.equal(m2, m)
+    torch.testing.assert_close(dequantize_int4(q2, d2, m2), w, rtol=0, atol=1e-3 * w.abs().max().item())
+
+
+@pytest.mark.skipif(not has_kernel, reason="needs the AVX512-BF16 kernel")
+@pytest.mark.parametrize("n,k", [(64, 64), (40, 96), (960, 576), (16, 1536)])
+@pytest.mark.parametrize("m", [1, 3, 4, 17, 300])
+def test_kernel_matches_the_dequantized_weights(m, n, k):
+    """Against the float32 product with the dequantized weights: no worse than torch's bf16
+    linear over those weights rounded to bf16 (the kernel never rounds a weight)."""
+    g = torch.Generator().manual_seed(m * n + k)
+    x, w = torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g)
+    q, d, mins = quantize_int4(w, 32)
+    weight = dequantize_int4(q, d, mins)
+    ours = kernels.linear_q4(x, *pack_int4(q, d, mins), n, torch.empty(0), 32)
+    ref = x.float() @ weight.T
+    torch_err = (F.linear(x, weight.bfloat16()).float() - ref).abs().max().item()
+    assert ours.shape == (m, n) and ours.dtype == torch.bfloat16
+    assert (ours.float() - ref).abs().max().item() <= max(torch_err, 1e-6) * 1.01
+
+
+@pytest.mark.skipif(not has_kernel, reason="needs the AVX512-BF16 kernel")
+@pytest.mark.parametrize("m", [1, 9, 700])
+def test_bias_rows_independence_and_bad_inputs(m):
+    lin = nn.Linear(1536, 40, bias=True)
+    layer = Int4Linear(lin, 64)
+    x = torch.randn(m, 1536).bfloat16()
+    out = layer(x)
+    ref = F.linear(x.float(), layer.dequantized(torch.float32), lin.bias.float())
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
+    for i in (0, m - 1):
+        assert torch.equal(layer(x[i : i + 1].contiguous())[0], out[i])
+    with pytest.raises(RuntimeError, match="linear_q4"):
+        kernels.linear_q4(x, layer._packed, layer._d, layer._m, 40, torch.empty(0), 32)  # wrong group
+
+
+def test_float32_activations_use_the_dequantized_weight():
+    lin = nn.Linear(64, 24)
+    layer = Int4Linear(lin)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(torch.float32), lin.bias))
+
+
+def test_default_model_blocks_are_found_again(default_gguf):
+    """The GGUF's linear weights are Q4_1 blocks of 32 along each row: 4-bit blocks of 32 give
+    the loaded float32 weights back to within fp16 rounding of their scales."""
+    model = load_model(default_gguf, with_tokenizer=False).model
+    for linear in (model.layers[0].self_attn.qkv_proj, model.layers[7].mlp.down_proj):
+        w = linear.weight.detach()
+        q, d, m = quantize_int4(w, 32)
+        err = (dequantize_int4(q, d, m) - w).abs().max().item()
+        assert err <= 1e-3 * w.abs().max().item(), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_model_stays_close_to_the_float_one(tiny_llama64_dir, dtype):
+    plain = load_model(tiny_llama64_dir, dtype=dtype, with_tokenizer=False).model
+    quant = load_model(tiny_llama64_dir, dtype=dtype, with_tokenizer=False, quantization="int4").model
+    assert isinstance(quant.lm_head, Int8Linear)
+    assert any(isinstance(m, Int4Linear) for m in quant.modules())
+    assert not [m for m in quant.modules() if isinstance(m, nn.Linear)]
+    from falconet.models.kv_cache import PagedKVCache, Segment
+
+    ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(0))
+    out = []
+    for model in (plain, quant):
+        cache = PagedKVCache(model.config, 8, 16, dtype)
+        cache.begin_step([Segment(list(range(8)), 0, 40)])
+        with torch.no_grad():
+            out.append(torch.log_softmax(model.compute_logits(model(ids, torch.arange(40), cache)), -1))
+    kl = (out[0].exp() * (out[0] - out[1])).sum(-1)
+    assert kl.max().item() < 0.05, kl.max().item()
+    assert next(m for m in catalogue() if m.name == "int4").kind == "quantization"
+
+
+def test_speculative_decoding_stays_lossless_on_quantized_weights(tiny_llama64_dir):
+    """A row's result does not depend on the batch in the 4-bit kernel either, so verifying
+    drafts in one forward gives exactly the tokens of plain decoding."""
+    from falconet.engine.engine import EngineConfig, LLMEngine
+    from falconet.sampling_params import SamplingParams
+
+    loaded = load_model(tiny_llama64_dir, dtype=torch.bfloat16, with_tokenizer=False, quantization="int4")
+    prompt = [5, 6, 7, 8, 9] * 6
+    outs = []
+    for method in (None, "ngram"):
+        engine = LLMEngine(loaded, EngineConfig(max_num_seqs=2))
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, speculative=method)
+        reqs = [engine.add_request(prompt, params), engine.add_request(prompt[3:], params)]
+        while engine.has_unfinished():
+            engine.step()
+        outs.append([r.output_ids for r in reqs])
+    assert outs[0] == outs[1]
