@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from falconet.methods.quant.base import QuantizedLinear
 from falconet.methods.quant.int8 import Int8Linear
-from falconet.models.linear import TILE, bf16_linear_kernels
+from falconet.models.linear import TILE
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,47 +66,24 @@ def pack_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
     return packed, scales[0], scales[1]
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """A Linear layer (the same in/out features and bias) over blockwise 4-bit weights."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 32):
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = (
-            linear.in_features,
-            linear.out_features,
-            group_size,
-        )
+        super().__init__(linear)
+        self.group_size, self.tag = group_size, f"int4 g{group_size}"
         q, d, m = quantize_int4(linear.weight, group_size)
         self.register_buffer("qweight", q)  # uint8, one value per weight (the packed copy is below)
-        self._packed, self._d, self._m = pack_int4(q, d, m)
         self.d, self.m = d, m
-        self.bias = (
-            None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self._packed, self._d, self._m = pack_int4(q, d, m)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4(self.qweight, self.d, self.m)
+
+    def run_kernel(self, kernels, rows):
+        return kernels.linear_q4(
+            rows, self._packed, self._d, self._m, self.out_features, self._bias, self.group_size
         )
-        pad = self._d.shape[0] * TILE - self.out_features
-        self._bias = torch.empty(0) if self.bias is None else F.pad(self.bias.float(), (0, pad))
-        self._dequantized: torch.Tensor | None = None
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._dequantized is None or self._dequantized.dtype != dtype:
-            self._dequantized = dequantize_int4(self.qweight, self.d, self.m).to(dtype)
-        return self._dequantized
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = bf16_linear_kernels()
-        if kernels is not None and x.dtype is torch.bfloat16 and x.device.type == "cpu":
-            rows = x.reshape(-1, self.in_features)
-            if rows.stride(-1) != 1:
-                rows = rows.contiguous()
-            out = kernels.linear_q4(
-                rows, self._packed, self._d, self._m, self.out_features, self._bias, self.group_size
-            )
-            return out.view(*x.shape[:-1], self.out_features)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.group_size}"
 
 
 class Int4WeightOnly:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from falconet.models.linear import TILE, bf16_linear_kernels, pack_weight_bf16
+from falconet.methods.quant.base import QuantizedLinear
+from falconet.models.linear import TILE, pack_weight_bf16
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,48 +26,27 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
     """A Linear layer (the same in/out features and bias) over int8 weights."""
 
+    tag = "int8"
+
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         q, scale = quantize_int8(linear.weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
-        self.bias = (
-            None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        )
-        tiles = -(-self.out_features // TILE)
-        pad = tiles * TILE - self.out_features
+        pad = -(-self.out_features // TILE) * TILE - self.out_features
         self._packed = pack_weight_bf16(q) if self.in_features % 2 == 0 else None
         self._scale = F.pad(scale, (0, pad))
-        self._bias = torch.empty(0) if self.bias is None else F.pad(self.bias.float(), (0, pad))
-        self._dequantized: torch.Tensor | None = None
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._dequantized is None or self._dequantized.dtype != dtype:
-            self._dequantized = (self.qweight.float() * self.scale[:, None]).to(dtype)
-        return self._dequantized
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = bf16_linear_kernels()
-        if (
-            kernels is not None
-            and self._packed is not None
-            and x.dtype is torch.bfloat16
-            and x.device.type == "cpu"
-        ):
-            rows = x.reshape(-1, self.in_features)
-            if rows.stride(-1) != 1:
-                rows = rows.contiguous()
-            out = kernels.linear_int8(rows, self._packed, self._scale, self.out_features, self._bias)
-            return out.view(*x.shape[:-1], self.out_features)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+    def run_kernel(self, kernels, rows):
+        if self._packed is None:
+            return None
+        return kernels.linear_int8(rows, self._packed, self._scale, self.out_features, self._bias)
 
 
 class Int8WeightOnly:
