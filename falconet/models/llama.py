@@ -62,13 +62,13 @@ class Attention(nn.Module):
         self.rope = rope
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj.forward(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rope.rotate(positions, q, k)
         o = kv_cache.attend(self.layer, q, k, v)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.o_proj.forward(o.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
@@ -79,12 +79,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.intermediate, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        gate_up = self.gate_up_proj.forward(x)
         kernels = _kernels(x)
         if kernels is not None:
-            return self.down_proj(kernels.silu_mul(gate_up))
+            return self.down_proj.forward(kernels.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj.forward(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -101,13 +101,15 @@ class DecoderLayer(nn.Module):
         """x: the previous sublayer's output (the embeddings for the first layer); residual: the
         stream it is added to. Each add is fused into the norm that follows it; the sums are the
         reference's `x = x + sublayer(norm(x))`, rounded the same way."""
+        # Children are called through .forward: nn.Module.__call__ costs microseconds a call, and
+        # batch-1 decode makes ~10 calls a layer (no hooks are ever registered on them).
         if residual is None:
             residual = x
-            h = self.input_layernorm(x)
+            h = self.input_layernorm.forward(x)
         else:
-            h = self.input_layernorm(x, residual)
-        h = self.post_attention_layernorm(self.self_attn(h, positions, kv_cache), residual)
-        return self.mlp(h), residual
+            h = self.input_layernorm.forward(x, residual)
+        h = self.post_attention_layernorm.forward(self.self_attn.forward(h, positions, kv_cache), residual)
+        return self.mlp.forward(h), residual
 
 
 # Hugging Face parameter name fragment -> (our fused parameter, index of its shard).
@@ -140,8 +142,8 @@ class LlamaForCausalLM(nn.Module):
         `num_layers` stops after the first layers (then the final norm): layer-skip drafting."""
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers[:num_layers]:
-            x, residual = layer(x, residual, positions, kv_cache)
-        return self.norm(x, residual)
+            x, residual = layer.forward(x, residual, positions, kv_cache)
+        return self.norm.forward(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
