@@ -143,10 +143,10 @@ class PagedKVCache:
         """Plan the attention of the next forward over `segments`, flattened in this order."""
         slot_maps, plan, decodes, fresh, chunks, offset = [], [], [], [], [], 0
         self.trees, extra_rows, extra_slots, copies = {}, [], [], []
-        free_scratch = list(range(self.num_blocks, self.num_blocks + self.num_scratch_blocks))
+        next_scratch = [self.num_blocks]  # scratch blocks are handed out in order, per step
         for index, s in enumerate(segments):
             if s.tree is not None:
-                layout = self._plan_tree(s, free_scratch)
+                layout = self._plan_tree(s, next_scratch)
                 self.trees[index] = layout
                 slot_maps.append(torch.tensor(layout.row_slots, dtype=torch.long))
                 decodes.extend(
@@ -185,16 +185,18 @@ class PagedKVCache:
         self._extra_slots = torch.tensor(extra_slots, dtype=torch.long) if extra_rows else None
         self.copy_blocks(copies)
 
-    def _plan_tree(self, s: Segment, free_scratch: list[int]) -> TreeLayout:
+    def _plan_tree(self, s: Segment, next_scratch: list[int]) -> TreeLayout:
         if len(s.tree) != s.length or s.tree[0] != -1:
             raise ValueError("a tree segment lists one parent per row, -1 first (the root row)")
 
         def take(n: int) -> list[int]:
-            if n > len(free_scratch):
+            first = next_scratch[0]
+            if first + n > self.num_blocks + self.num_scratch_blocks:
                 raise ValueError(
                     f"token trees need more scratch blocks than the cache keeps ({self.num_scratch_blocks})"
                 )
-            return [free_scratch.pop(0) for _ in range(n)]
+            next_scratch[0] = first + n
+            return list(range(first, first + n))
 
         # nodes' parents, relative to nodes (the root is -1)
         parents = [p - 1 for p in s.tree[1:]]
