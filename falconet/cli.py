@@ -240,13 +240,21 @@ def cmd_serve(args) -> int:
 def cmd_bench_latency(args) -> int:
     import torch
 
-    from falconet.bench.latency import bench_latency, format_table
+    from falconet.bench.latency import bench_latency, format_table, read_bandwidth_gb_per_s, run_llama_bench
+    from falconet.models.catalog import resolve
 
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    baseline = None
+    if args.baseline is not None:
+        baseline = run_llama_bench(
+            args.llama_bench, resolve(args.model), torch.get_num_threads(), args.prompt_tokens,
+            args.decode_tokens, args.repeats,
+        )  # fmt: skip
     results = bench_latency(args.model, dtypes, args.prompt_tokens, args.decode_tokens, args.repeats)
-    print(format_table(results, args.prompt_tokens, args.decode_tokens))
+    bandwidth = read_bandwidth_gb_per_s()
+    print(format_table(results, args.prompt_tokens, args.decode_tokens, baseline, bandwidth))
     return 0
 
 
@@ -340,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--baseline",
+        choices=["llama.cpp"],
+        default=None,
+        help="run llama.cpp's llama-bench first, same settings",
+    )
+    p.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench (default: on PATH)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_bench_latency)
     from falconet.bench.throughput import add_throughput_parser

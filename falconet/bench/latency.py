@@ -3,17 +3,27 @@
 Prefill: one forward over a P-token prompt (the time to the first token).
 Decode: the time per token after the first, over D greedily decoded tokens with EOS ignored.
 Each figure is the median over --repeats runs after one warm-up run.
+
+As gpt-fast does, each row also gives the weight bandwidth decode achieves (the bytes of the
+weights a token reads, times tokens/s) against the machine's read bandwidth, measured here by
+summing a 1 GiB tensor. `--baseline llama.cpp` first runs llama.cpp's llama-bench on the same
+GGUF, threads, prompt and decode lengths, and gives each row's ratio to it.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from falconet.engine.engine import EngineConfig, LLMEngine
+from falconet.errors import FalconetError
 from falconet.models.loader import load_model, parse_dtype
 from falconet.sampling_params import SamplingParams
 
@@ -31,6 +41,71 @@ class LatencyResult:
     decode_tokens_per_s: float
     time_to_first_token_ms: float
     load_s: float
+    weight_bytes: int = 0  # read per decoded token
+
+    @property
+    def weight_gb_per_s(self) -> float:
+        return self.weight_bytes * self.decode_tokens_per_s / 1e9
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of the linear layers' weights (and scales) one decode step reads: all of them."""
+    from falconet.methods.quant.base import QuantizedLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.weight_bytes
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def read_bandwidth_gb_per_s(size_bytes: int = 2**30) -> float:
+    """The memory's read speed as torch sees it: the best of 3 sums over a tensor of size_bytes."""
+    x = torch.ones(size_bytes // 8, dtype=torch.int64)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(3))
+    return size_bytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+@dataclass
+class BaselineResult:
+    name: str
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+
+
+def run_llama_bench(
+    binary: str | None, gguf: Path, threads: int, prompt_tokens: int, decode_tokens: int, repeats: int
+) -> BaselineResult:
+    """llama.cpp's llama-bench on the same file and settings (its JSON output)."""
+    exe = binary or shutil.which("llama-bench")
+    if exe is None or not Path(exe).exists():
+        raise FalconetError(
+            "--baseline llama.cpp needs llama.cpp's llama-bench: build it and pass --llama-bench PATH "
+            "(or put it on PATH)"
+        )
+    if gguf.suffix != ".gguf":
+        raise FalconetError(f"--baseline llama.cpp needs a GGUF model, not {gguf}")
+    cmd = [exe, "-m", str(gguf), "-t", str(threads), "-p", str(prompt_tokens), "-n", str(decode_tokens)]
+    cmd += ["-r", str(repeats), "-o", "json"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        entries = json.loads(done.stdout)
+        prefill = next(e["avg_ts"] for e in entries if e["n_prompt"] > 0 and e["n_gen"] == 0)
+        decode = next(e["avg_ts"] for e in entries if e["n_gen"] > 0 and e["n_prompt"] == 0)
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, StopIteration) as e:
+        raise FalconetError(
+            f"llama-bench failed ({type(e).__name__}: {e}); command: {' '.join(cmd)}"
+        ) from None
+    return BaselineResult("llama.cpp", float(prefill), float(decode))
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -72,20 +147,45 @@ def bench_latency(
         runs = [run_once(engine, ids, decode_tokens) for _ in range(repeats)]
         prefill = statistics.median(r[0] for r in runs)
         decode = statistics.median(r[1] for r in runs)
-        results.append(LatencyResult(name, prompt_tokens / prefill, 1 / decode, prefill * 1e3, load_s))
+        weights = weight_bytes_per_token(loaded.model)
+        results.append(
+            LatencyResult(name, prompt_tokens / prefill, 1 / decode, prefill * 1e3, load_s, weights)
+        )
     return results
 
 
-def format_table(results: list[LatencyResult], prompt_tokens: int, decode_tokens: int) -> str:
+def format_table(
+    results: list[LatencyResult],
+    prompt_tokens: int,
+    decode_tokens: int,
+    baseline: BaselineResult | None = None,
+    bandwidth: float | None = None,
+) -> str:
+    ratio = f" | prefill vs {baseline.name} | decode vs {baseline.name}" if baseline else ""
     lines = [
         f"| dtype | prefill tok/s ({prompt_tokens}-token prompt) | decode tok/s ({decode_tokens} tokens) "
-        "| TTFT ms | load s |",
-        "|---|---|---|---|---|",
+        f"| TTFT ms | load s | weights GB/s{ratio} |",
+        "|---|---|---|---|---|---|" + ("---|---|" if baseline else ""),
     ]
+    if baseline:
+        cells = "| - |" + " - | - |"
+        lines.append(
+            f"| {baseline.name} | {baseline.prefill_tokens_per_s:.1f} | {baseline.decode_tokens_per_s:.1f} "
+            f"| - | - {cells}"
+        )
     for r in results:
+        cells = ""
+        if baseline:
+            cells = (
+                f" {r.prefill_tokens_per_s / baseline.prefill_tokens_per_s:.2f}x"
+                f" | {r.decode_tokens_per_s / baseline.decode_tokens_per_s:.2f}x |"
+            )
+        share = f" ({100 * r.weight_gb_per_s / bandwidth:.0f}% of {bandwidth:.1f})" if bandwidth else ""
         lines.append(
             f"| {r.dtype} | {r.prefill_tokens_per_s:.1f} | {r.decode_tokens_per_s:.1f} "
-            f"| {r.time_to_first_token_ms:.0f} | {r.load_s:.1f} |"
+            f"| {r.time_to_first_token_ms:.0f} | {r.load_s:.1f} | {r.weight_gb_per_s:.1f}{share} |{cells}"
         )
     lines.append(f"threads: {torch.get_num_threads()}")
+    if bandwidth:
+        lines.append(f"memory read bandwidth (sum of a 1 GiB tensor): {bandwidth:.1f} GB/s")
     return "\n".join(lines)

@@ -34,6 +34,14 @@ class QuantizedLinear(nn.Module):
         """rows [M, in] bf16, contiguous rows -> [M, out] bf16; None if the kernel cannot."""
         raise NotImplementedError
 
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        """What the kernel reads each forward (weights and their scales)."""
+        raise NotImplementedError
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kernel_tensors())
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self._dequantized is None or self._dequantized.dtype != dtype:
             self._dequantized = self.dequantize().to(dtype)

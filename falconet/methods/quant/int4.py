@@ -80,6 +80,9 @@ class Int4Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.d, self.m)
 
+    def kernel_tensors(self):
+        return [self._packed, self._d, self._m]
+
     def run_kernel(self, kernels, rows):
         return kernels.linear_q4(
             rows, self._packed, self._d, self._m, self.out_features, self._bias, self.group_size

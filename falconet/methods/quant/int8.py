@@ -43,6 +43,9 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
 
+    def kernel_tensors(self):
+        return [self.qweight, self._scale]
+
     def run_kernel(self, kernels, rows):
         if self._packed is None:
             return None
