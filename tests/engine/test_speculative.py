@@ -254,7 +254,9 @@ SAMPLED = [
 
 
 # drafts per step (a tree's: nodes); decoy-tree drafts trees of two branches or more
-DISTRIBUTION_METHODS = {"draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6}
+DISTRIBUTION_METHODS = {
+    "draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6, "eagle-tree": 6,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("method", list(DISTRIBUTION_METHODS))
