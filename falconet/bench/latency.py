@@ -42,6 +42,7 @@ class LatencyResult:
     time_to_first_token_ms: float
     load_s: float
     weight_bytes: int = 0  # read per decoded token
+    compile_s: float = 0.0  # start-up spent compiling (rows with +compile)
 
     @property
     def weight_gb_per_s(self) -> float:
@@ -134,14 +135,25 @@ def bench_latency(
     results = []
     for name in dtypes:
         t = time.perf_counter()
-        dtype, _, quantization = name.partition("+")  # e.g. "bfloat16+int8": int8 weights
-        loaded = load_model(model, dtype=parse_dtype(dtype), quantization=quantization or None)
+        # e.g. "bfloat16+int8": int8 weights; "bfloat16+int4+compile": and torch.compile
+        dtype, *extras = name.split("+")
+        compile_ = "compile" in extras
+        quantization = [e for e in extras if e != "compile"]
+        if len(quantization) > 1:
+            raise FalconetError(f"{name!r}: one quantization per row")
+        loaded = load_model(
+            model, dtype=parse_dtype(dtype), quantization=quantization[0] if quantization else None
+        )
         load_s = time.perf_counter() - t
         # No prefix caching: every repeat must compute its whole prompt.
         config = EngineConfig(
-            max_num_seqs=1, max_model_len=prompt_tokens + decode_tokens + 8, enable_prefix_caching=False
+            max_num_seqs=1,
+            max_model_len=prompt_tokens + decode_tokens + 8,
+            enable_prefix_caching=False,
+            compile=compile_,
         )
         engine = LLMEngine(loaded, config)
+        compile_s = engine.forward.compile_s if compile_ else 0.0
         ids = prompt_ids(loaded.tokenizer, prompt_tokens)
         run_once(engine, ids, min(decode_tokens, 8))  # warm-up
         runs = [run_once(engine, ids, decode_tokens) for _ in range(repeats)]
@@ -149,7 +161,9 @@ def bench_latency(
         decode = statistics.median(r[1] for r in runs)
         weights = weight_bytes_per_token(loaded.model)
         results.append(
-            LatencyResult(name, prompt_tokens / prefill, 1 / decode, prefill * 1e3, load_s, weights)
+            LatencyResult(
+                name, prompt_tokens / prefill, 1 / decode, prefill * 1e3, load_s, weights, compile_s
+            )
         )
     return results
 
@@ -164,11 +178,11 @@ def format_table(
     ratio = f" | prefill vs {baseline.name} | decode vs {baseline.name}" if baseline else ""
     lines = [
         f"| dtype | prefill tok/s ({prompt_tokens}-token prompt) | decode tok/s ({decode_tokens} tokens) "
-        f"| TTFT ms | load s | weights GB/s{ratio} |",
-        "|---|---|---|---|---|---|" + ("---|---|" if baseline else ""),
+        f"| TTFT ms | load s | compile s | weights GB/s{ratio} |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if baseline else ""),
     ]
     if baseline:
-        cells = "| - |" + " - | - |"
+        cells = "| - | - |" + " - | - |"
         lines.append(
             f"| {baseline.name} | {baseline.prefill_tokens_per_s:.1f} | {baseline.decode_tokens_per_s:.1f} "
             f"| - | - {cells}"
@@ -183,7 +197,8 @@ def format_table(
         share = f" ({100 * r.weight_gb_per_s / bandwidth:.0f}% of {bandwidth:.1f})" if bandwidth else ""
         lines.append(
             f"| {r.dtype} | {r.prefill_tokens_per_s:.1f} | {r.decode_tokens_per_s:.1f} "
-            f"| {r.time_to_first_token_ms:.0f} | {r.load_s:.1f} | {r.weight_gb_per_s:.1f}{share} |{cells}"
+            f"| {r.time_to_first_token_ms:.0f} | {r.load_s:.1f} | {r.compile_s:.1f} "
+            f"| {r.weight_gb_per_s:.1f}{share} |{cells}"
         )
     lines.append(f"threads: {torch.get_num_threads()}")
     if bandwidth:

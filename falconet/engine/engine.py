@@ -20,6 +20,7 @@ from falconet.engine.speculator import Speculator
 from falconet.engine.stop import StopChecker
 from falconet.errors import FalconetError
 from falconet.methods.speculative.verifier import verify
+from falconet.models.compiled import CompiledDecode
 from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import LoadedModel
 from falconet.sampling_params import SamplingParams
@@ -40,6 +41,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     draft_model: str | None = None  # for speculative="draft-model": a model sharing the tokenizer
     draft_head: str | None = None  # for speculative="eagle": a head made by `falconet train-head`
+    compile: bool = False  # decode-only steps through torch.compile (models/compiled.py)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -86,6 +88,8 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(
             loaded.config, num_blocks, config.block_size, dtype, num_scratch_blocks=TREE_SCRATCH_BLOCKS
         )
+        # the model's forward, or the compiled one for decode-only steps
+        self.forward = CompiledDecode(self.model, self.kv_cache) if config.compile else self.model
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # Without chunking, a whole prompt must fit in one step's budget.
         budget = config.max_num_batched_tokens
@@ -238,7 +242,7 @@ class LLMEngine:
                 last_rows.append(len(ids) - 1)
                 sampling.append(req)
         self.kv_cache.begin_step(segments)
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_cache)
+        hidden = self.forward(torch.tensor(ids), torch.tensor(positions), self.kv_cache)
         row, trees = 0, {}
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             if req.params.prompt_logprobs is not None:

@@ -96,6 +96,8 @@ class PagedKVCache:
         self._slot_mapping = torch.empty(0, dtype=torch.long)
         self._extra_rows = self._extra_slots = None  # tree rows stored into scratch blocks too
         self.trees: dict[int, TreeLayout] = {}  # segment index -> layout, for commit_tree
+        # (slots, tables, lengths) when every row of the step is a decode row on the kernel path
+        self._decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -184,6 +186,43 @@ class PagedKVCache:
         self._extra_rows = torch.tensor(extra_rows, dtype=torch.long) if extra_rows else None
         self._extra_slots = torch.tensor(extra_slots, dtype=torch.long) if extra_rows else None
         self.copy_blocks(copies)
+        self._decode = None
+        if len(plan) == 1 and plan[0][0] == "paged" and len(decodes) == offset and not self.trees:
+            self._decode = (self._slot_mapping, plan[0][2], plan[0][3])
+
+    @property
+    def decode_only(self) -> bool:
+        """Whether every row of the planned step is a decode row that `attend_decode` can take:
+        one fused kernel call per layer, and the steps a compiled model runs (compiled.py)."""
+        return self._decode is not None
+
+    @property
+    def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots, block tables, lengths) of a decode-only step."""
+        return self._decode
+
+    def attend_decode(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, rope) -> torch.Tensor:
+        """For a decode-only step: RoPE, store and attend in one call. qkv [T, (H + 2 Hkv) D] (its
+        q and k are rotated in place) -> [T, H D]; the same numbers as `attend`."""
+        slots, tables, lengths = self._decode
+        heads = qkv.shape[1] // self.head_dim - 2 * self.num_kv_heads
+        return cpu_kernels().decode_attention(
+            qkv,
+            positions,
+            rope.cos,
+            rope.sin,
+            self.k[layer],
+            self.v[layer],
+            slots,
+            tables,
+            lengths,
+            heads,
+            self.num_kv_heads,
+            self.block_size,
+            self.sliding_window or 0,
+            self.head_dim**-0.5,
+            self.tiled,
+        )
 
     def _plan_tree(self, s: Segment, next_scratch: list[int]) -> TreeLayout:
         if len(s.tree) != s.length or s.tree[0] != -1:
@@ -237,7 +276,8 @@ class PagedKVCache:
         totals = [s.start + 1 for _, s in decodes]
         if self._kernels is not None:
             # The C++ kernel reads K/V in place through the block tables.
-            width = max(len(s.block_table) for _, s in decodes)
+            # (at least 2: a compiled step, compiled.py, would specialise a width of 1)
+            width = max(2, max(len(s.block_table) for _, s in decodes))
             tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for _, s in decodes])
             return ("paged", rows, tables, torch.tensor(totals))
         # PyTorch path: contexts gathered and right-padded.

@@ -49,6 +49,9 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _packed_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # A compiled model's weights do not change; compiled.py packs them before tracing.
+            return self._packed[2], self._packed[3]
         w = self.weight
         key = (w._version, w.data_ptr())
         if self._packed is None or self._packed[:2] != key:

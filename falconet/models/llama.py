@@ -62,6 +62,10 @@ class Attention(nn.Module):
         self.rope = rope
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
+        if kv_cache.decode_only:
+            return self.o_proj.forward(
+                kv_cache.attend_decode(self.layer, self.qkv_proj.forward(x), positions, self.rope)
+            )
         q, k, v = self.qkv_proj.forward(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -183,6 +187,28 @@ class LlamaForCausalLM(nn.Module):
                 f"checkpoint is missing weights: {', '.join(missing[:5])}"
                 + (" ..." if len(missing) > 5 else "")
             )
+
+    @staticmethod
+    def fuse_rows(tensors: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per-weight tuples of row-wise tensors (e.g. a quantized weight's values and scales)
+        under Hugging Face weight names -> the same under our linear modules' names, the shards
+        of a fused layer stacked in order. A fused layer with a shard missing is left out."""
+        shards: dict[str, dict[int, tuple]] = {}
+        for hf_name, parts in tensors.items():
+            name, idx = hf_name.removeprefix("model.").removesuffix(".weight"), 0
+            for frag, (fused, i) in _FUSED.items():
+                if name.endswith(f".{frag}"):
+                    name, idx = name.replace(frag, fused), i
+                    break
+            shards.setdefault(name, {})[idx] = parts
+        out = {}
+        for name, found in shards.items():
+            needed = 3 if name.endswith("qkv_proj") else 2 if name.endswith("gate_up_proj") else 1
+            if len(found) == needed:
+                out[name] = tuple(
+                    torch.cat(xs) for xs in zip(*(found[i] for i in range(needed)), strict=True)
+                )
+        return out
 
     def _shard(self, name: str, target: torch.Tensor, idx: int) -> torch.Tensor:
         c = self.config

@@ -10,6 +10,7 @@ import torch
 
 from falconet.bench.latency import (
     LatencyResult,
+    bench_latency,
     format_table,
     run_llama_bench,
     weight_bytes_per_token,
@@ -49,10 +50,15 @@ def test_llama_bench_json_is_read_and_ratios_printed(tmp_path):
     ]
     base = run_llama_bench(_fake_llama_bench(tmp_path, json.dumps(entries)), gguf, 2, 512, 128, 3)
     assert (base.prefill_tokens_per_s, base.decode_tokens_per_s) == (400.0, 160.0)
-    row = LatencyResult("bfloat16+int4", 2000.0, 168.0, 250.0, 3.0, weight_bytes=95_000_000)
+    row = LatencyResult("bfloat16+int4+compile", 2000.0, 168.0, 250.0, 3.0, 95_000_000, compile_s=4.5)
     table = format_table([row], 512, 128, base, bandwidth=50.0)
     assert "| llama.cpp | 400.0 | 160.0 |" in table
-    assert "5.00x | 1.05x |" in table and "16.0 (32% of 50.0)" in table
+    assert "| 250 | 3.0 | 4.5 | 16.0 (32% of 50.0) | 5.00x | 1.05x |" in table
+
+
+def test_a_row_takes_one_quantization(tiny_llama64_dir):
+    with pytest.raises(FalconetError, match="one quantization per row"):
+        bench_latency(str(tiny_llama64_dir), ["bfloat16+int8+int4"], 8, 4, 1)
 
 
 def test_llama_bench_problems_are_clean_errors(tmp_path):

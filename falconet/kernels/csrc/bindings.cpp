@@ -21,6 +21,10 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Ten
 torch::Tensor silu_mul(torch::Tensor gate_up);
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
               bool tiled);
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
+                               torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+                               torch::Tensor tables, torch::Tensor lengths, int64_t heads, int64_t kv_heads,
+                               int64_t block_size, int64_t window, double scale, bool tiled);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Every kernel lets go of the GIL: a server's event loop keeps running while a step computes.
@@ -44,4 +48,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up] rows", nogil);
   m.def("store_kv", &store_kv, "write k, v rows into the cache slots", nogil, py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("tiled") = false);
+  m.def("decode_attention", &decode_attention, "RoPE, cache store and paged attention of decode rows", nogil);
 }

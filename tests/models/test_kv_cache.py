@@ -1,0 +1,70 @@
+"""The fused decode path of the paged cache (`attend_decode`) equals the general one (`attend`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from falconet.config import ModelConfig
+from falconet.kernels import cpu_kernels
+from falconet.models.kv_cache import PagedKVCache, Segment
+from falconet.models.rope import RotaryEmbedding
+
+kernels = cpu_kernels()
+
+
+def _config() -> ModelConfig:
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=97,
+        hidden_size=256,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        max_position_embeddings=256,
+    )
+
+
+@pytest.mark.skipif(kernels is None, reason="needs the C++ kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_decode_equals_attend(dtype):
+    config = _config()
+    rope = RotaryEmbedding(config, 256)
+    torch.manual_seed(0)
+    # three sequences at different lengths, one crossing into a new block this step
+    tables, starts = [[3, 1, 6], [0], [5, 2]], [40, 7, 16]
+    caches = [PagedKVCache(config, 8, 16, dtype) for _ in range(2)]
+    for cache in caches:  # the same history in both caches
+        torch.manual_seed(1)
+        cache.k.normal_()
+        cache.v.normal_()
+    segments = [Segment(t, s, 1) for t, s in zip(tables, starts, strict=True)]
+    positions = torch.tensor(starts)
+    width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    qkv = torch.randn(3, width).to(dtype)
+
+    fused, general = caches
+    fused.begin_step(segments)
+    assert fused.decode_only
+    out = fused.attend_decode(1, qkv.clone(), positions, rope)
+
+    general.begin_step(segments)
+    q, k, v = qkv.clone().split([256, 128, 128], dim=-1)
+    q, k = rope.rotate(positions, q.reshape(3, 4, 64), k.reshape(3, 2, 64))
+    ref = general.attend(1, q, k, v.reshape(3, 2, 64)).reshape(3, 256)
+    assert torch.equal(out, ref)
+    assert torch.equal(fused.k, general.k) and torch.equal(fused.v, general.v)
+
+
+def test_decode_only_only_for_decode_rows():
+    cache = PagedKVCache(_config(), 8, 16, torch.float32, num_scratch_blocks=4)
+    cache.begin_step([Segment([0], 0, 5)])  # a prompt
+    assert not cache.decode_only
+    cache.begin_step([Segment([0], 4, 1), Segment([1], 0, 3)])  # a decode beside a prompt
+    assert not cache.decode_only
+    cache.begin_step([Segment([0], 4, 3, as_decodes=True), Segment([1], 9, 1)])  # a chain and a decode
+    assert cache.decode_only == (cache._kernels is not None)
+    cache.begin_step([Segment([0], 4, 3, tree=(-1, 0, 0))])  # a tree
+    assert not cache.decode_only
