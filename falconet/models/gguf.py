@@ -278,6 +278,44 @@ def load_gguf_state_dict(
     return state
 
 
+def four_bit_blocks(t: gguf.ReaderTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A Q4_0 or Q4_1 tensor's own blocks of 32 as (q uint8 [N, K] in 0..15, d fp16 [N, K/32],
+    m fp16 [N, K/32]) with weight = q * d + m exactly (Q4_0's (q - 8) d is m = -8 d, exact in
+    fp16); None for other types. In a block, byte j holds value j (low nibble) and j + 16."""
+    kind = t.tensor_type
+    if kind not in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
+        return None
+    head = 2 if kind == gguf.GGMLQuantizationType.Q4_0 else 4  # fp16 d (and m) before the 16 bytes
+    raw = np.asarray(t.data, dtype=np.uint8)
+    blocks = raw.reshape(raw.shape[0], -1, head + 16)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+    if head == 4:
+        m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
+    else:
+        m = (d * np.float16(-8)).astype(np.float16)
+    qs = blocks[..., head:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], -1)
+    return q, d.copy(), m.copy()
+
+
+def load_gguf_4bit_blocks(path: str | Path, config: ModelConfig) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The Q4_0/Q4_1 weights of a GGUF file as their blocks (`four_bit_blocks`), by Hugging Face
+    name, rows in PyTorch order (llama's Q/K rows unpermuted as in load_gguf_state_dict)."""
+    reader = open_gguf(path)
+    out = {}
+    for t in reader.tensors:
+        blocks = four_bit_blocks(t)
+        name = hf_name(t.name)
+        if blocks is None or name is None:
+            continue
+        if config.model_type == "llama" and ".self_attn.q_proj." in name:
+            blocks = tuple(unpermute_qk(x, config.num_heads) for x in blocks)
+        elif config.model_type == "llama" and ".self_attn.k_proj." in name:
+            blocks = tuple(unpermute_qk(x, config.num_kv_heads) for x in blocks)
+        out[name] = tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in blocks)
+    return out
+
+
 def load_gguf(
     path: str | Path, dtype: torch.dtype
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:

@@ -62,7 +62,13 @@ def load_model(
     model.load_weights(weights)
     if quantizer is not None:
         with torch.no_grad():
-            quantizer.apply(model)
+            if getattr(quantizer, "takes_gguf_blocks", False) and not path.is_dir():
+                # the file's own 4-bit blocks, exactly, rather than re-rounding their float values
+                from falconet.models.gguf import load_gguf_4bit_blocks
+
+                quantizer.apply(model, model.fuse_rows(load_gguf_4bit_blocks(path, config)))
+            else:
+                quantizer.apply(model)
     return LoadedModel(model.eval(), tokenizer, config, path)
 
 

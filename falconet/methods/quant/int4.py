@@ -69,10 +69,15 @@ def pack_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
 class Int4Linear(QuantizedLinear):
     """A Linear layer (the same in/out features and bias) over blockwise 4-bit weights."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = 32):
+    def __init__(self, linear: nn.Linear, group_size: int = 32, blocks: tuple | None = None):
+        """`blocks`: the weight already as (q, d, m) (a GGUF's Q4_0/Q4_1 blocks), used as they are."""
         super().__init__(linear)
         self.group_size, self.tag = group_size, f"int4 g{group_size}"
-        q, d, m = quantize_int4(linear.weight, group_size)
+        q, d, m = blocks if blocks is not None else quantize_int4(linear.weight, group_size)
+        if q.shape != linear.weight.shape or d.shape != (q.shape[0], q.shape[1] // group_size):
+            raise ValueError(
+                f"4-bit blocks of shape {tuple(q.shape)} / {tuple(d.shape)} do not fit this layer"
+            )
         self.register_buffer("qweight", q)  # uint8, one value per weight (the packed copy is below)
         self.d, self.m = d, m
         self._packed, self._d, self._m = pack_int4(q, d, m)
@@ -97,14 +102,38 @@ class Int4WeightOnly:
     exact = False
     group_size = 32
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    @property
+    def takes_gguf_blocks(self) -> bool:
+        """Whether a GGUF's Q4_0/Q4_1 blocks (of 32) can be used as they are."""
+        return self.group_size == 32
+
+    def apply(self, model: nn.Module, blocks: dict[str, tuple] | None = None) -> nn.Module:
+        """`blocks`: module name -> (q, d, m) already in this layout (a GGUF's 4-bit blocks of
+        32, see loader.py), taken as they are instead of re-rounding the loaded weights."""
         head = getattr(model, "lm_head", None)
-        for parent in list(model.modules()):
+        blocks = blocks if self.group_size == 32 else None
+        for parent_name, parent in list(model.named_modules()):
             for child_name, child in list(parent.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue
                 if child is head or child.in_features % self.group_size:
                     setattr(parent, child_name, Int8Linear(child))
-                else:
-                    setattr(parent, child_name, Int4Linear(child, self.group_size))
+                    continue
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                found = (blocks or {}).get(name)
+                setattr(parent, child_name, Int4Linear(child, self.group_size, found))
         return model
+
+
+class Int4G64WeightOnly(Int4WeightOnly):
+    """Blockwise 4-bit weights (scale and minimum per 64), the output head in int8."""
+
+    name = "int4-g64"
+    group_size = 64
+
+
+class Int4G128WeightOnly(Int4WeightOnly):
+    """Blockwise 4-bit weights (scale and minimum per 128), the output head in int8."""
+
+    name = "int4-g128"
+    group_size = 128

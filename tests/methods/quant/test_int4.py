@@ -44,16 +44,17 @@ def test_weights_already_on_a_block_grid_come_back_exactly():
 
 
 @pytest.mark.skipif(not has_kernel, reason="needs the AVX512-BF16 kernel")
-@pytest.mark.parametrize("n,k", [(64, 64), (40, 96), (960, 576), (16, 1536)])
+@pytest.mark.parametrize("n,k,group", [(64, 64, 32), (40, 96, 32), (960, 576, 32), (16, 1536, 32),
+                                       (960, 576, 64), (40, 1536, 128)])  # fmt: skip
 @pytest.mark.parametrize("m", [1, 3, 4, 17, 300])
-def test_kernel_matches_the_dequantized_weights(m, n, k):
+def test_kernel_matches_the_dequantized_weights(m, n, k, group):
     """Against the float32 product with the dequantized weights: no worse than torch's bf16
     linear over those weights rounded to bf16 (the kernel never rounds a weight)."""
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g)
-    q, d, mins = quantize_int4(w, 32)
+    q, d, mins = quantize_int4(w, group)
     weight = dequantize_int4(q, d, mins)
-    ours = kernels.linear_q4(x, *pack_int4(q, d, mins), n, torch.empty(0), 32)
+    ours = kernels.linear_q4(x, *pack_int4(q, d, mins), n, torch.empty(0), group)
     ref = x.float() @ weight.T
     torch_err = (F.linear(x, weight.bfloat16()).float() - ref).abs().max().item()
     assert ours.shape == (m, n) and ours.dtype == torch.bfloat16
@@ -93,14 +94,58 @@ def test_default_model_blocks_are_found_again(default_gguf):
         assert err <= 1e-3 * w.abs().max().item(), err
 
 
+def test_gguf_4bit_blocks_load_exactly(default_gguf):
+    """`-q int4` on a Q4_1 GGUF takes the file's blocks as they are: every 4-bit layer's weights
+    are exactly what gguf's own dequantization gives (Q/K rows in our order)."""
+    import gguf
+
+    from falconet.models.gguf import open_gguf, unpermute_qk
+
+    model = load_model(default_gguf, dtype=torch.bfloat16, with_tokenizer=False, quantization="int4").model
+    tensors = {t.name: t for t in open_gguf(default_gguf).tensors}
+
+    def ref(name):
+        t = tensors[name]
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+
+    layer = model.layers[5]
+    c = model.config
+    q_rows = unpermute_qk(ref("blk.5.attn_q.weight").numpy(), c.num_heads)
+    k_rows = unpermute_qk(ref("blk.5.attn_k.weight").numpy(), c.num_kv_heads)
+    qkv = torch.cat([torch.from_numpy(q_rows), torch.from_numpy(k_rows), ref("blk.5.attn_v.weight")])
+    assert torch.equal(layer.self_attn.qkv_proj.dequantize(), qkv)
+    gate_up = torch.cat([ref("blk.5.ffn_gate.weight"), ref("blk.5.ffn_up.weight")])
+    assert torch.equal(layer.mlp.gate_up_proj.dequantize(), gate_up)
+    assert torch.equal(layer.mlp.down_proj.dequantize(), ref("blk.5.ffn_down.weight"))
+
+
+def test_q4_0_blocks_read_exactly():
+    """Q4_0 ((q - 8) d) becomes q d + m with m = -8 d, exact in fp16."""
+    import gguf
+    import numpy as np
+
+    from falconet.models.gguf import four_bit_blocks
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)
+    tensor = type("T", (), {"tensor_type": gguf.GGMLQuantizationType.Q4_0, "data": raw})()
+    q, d, m = four_bit_blocks(tensor)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_0)
+    assert q.max() <= 15 and d.shape == m.shape == (8, 2)
+    assert torch.equal(dequantize_int4(*(torch.from_numpy(x) for x in (q, d, m))), torch.from_numpy(expected))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_quantized_model_stays_close_to_the_float_one(next_token_kl, dtype):
-    kl, quant = next_token_kl("int4", dtype)
+@pytest.mark.parametrize("method,group", [("int4", 32), ("int4-g64", 64), ("int4-g128", 128)])
+def test_a_quantized_model_stays_close_to_the_float_one(next_token_kl, dtype, method, group):
+    kl, quant = next_token_kl(method, dtype)
     assert isinstance(quant.lm_head, Int8Linear)
-    assert any(isinstance(m, Int4Linear) for m in quant.modules())
+    layers = [m for m in quant.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(m.group_size == group for m in layers)
     assert not [m for m in quant.modules() if isinstance(m, nn.Linear)]
     assert kl < 0.05, kl
-    assert next(m for m in catalogue() if m.name == "int4").kind == "quantization"
+    assert next(m for m in catalogue() if m.name == method).kind == "quantization"
 
 
 def test_speculative_decoding_stays_lossless_on_quantized_weights(tiny_llama64_dir):
