@@ -75,10 +75,18 @@ SPECULATIVE_METHODS = Registry("speculative method", _builtin_speculative)
 
 
 def _builtin_quantization(registry: Registry) -> None:
+    from falconet.methods.quant.bfp_kv import BfpKVCache, BfpKVCacheKSort
     from falconet.methods.quant.int4 import Int4G64WeightOnly, Int4G128WeightOnly, Int4WeightOnly
     from falconet.methods.quant.int8 import Int8WeightOnly
 
-    for cls in (Int8WeightOnly, Int4WeightOnly, Int4G64WeightOnly, Int4G128WeightOnly):
+    for cls in (
+        Int8WeightOnly,
+        Int4WeightOnly,
+        Int4G64WeightOnly,
+        Int4G128WeightOnly,
+        BfpKVCache,
+        BfpKVCacheKSort,
+    ):
         registry._entries[cls.name] = cls
 
 

@@ -61,8 +61,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.rope = rope
 
+    # A KV quantizer (methods/quant/bfp_kv.py): (k, v) -> (k, v) as a quantized cache holds them.
+    kv_quant = None
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
-        if kv_cache.decode_only:
+        if kv_cache.decode_only and self.kv_quant is None:
             return self.o_proj.forward(
                 kv_cache.attend_decode(self.layer, self.qkv_proj.forward(x), positions, self.rope)
             )
@@ -71,6 +74,8 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rope.rotate(positions, q, k)
+        if self.kv_quant is not None:
+            k, v = self.kv_quant(k, v)
         o = kv_cache.attend(self.layer, q, k, v)
         return self.o_proj.forward(o.reshape(-1, self.q_size))
 

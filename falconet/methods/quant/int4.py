@@ -116,12 +116,15 @@ class Int4WeightOnly:
             for child_name, child in list(parent.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue
-                if child is head or child.in_features % self.group_size:
+                # rows that blocks of group_size do not divide take the largest smaller block that does
+                group = next((g for g in (self.group_size, 64, 32) if g <= self.group_size and
+                              child.in_features % g == 0), None)  # fmt: skip
+                if child is head or group is None:
                     setattr(parent, child_name, Int8Linear(child))
                     continue
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
                 found = (blocks or {}).get(name)
-                setattr(parent, child_name, Int4Linear(child, self.group_size, found))
+                setattr(parent, child_name, Int4Linear(child, group, found))
         return model
 
 
@@ -133,7 +136,8 @@ class Int4G64WeightOnly(Int4WeightOnly):
 
 
 class Int4G128WeightOnly(Int4WeightOnly):
-    """Blockwise 4-bit weights (scale and minimum per 128), the output head in int8."""
+    """Blockwise 4-bit weights (scale and minimum per 128, or 64 or 32 where a row's length is
+    not a multiple of 128), the output head in int8."""
 
     name = "int4-g128"
     group_size = 128

@@ -119,6 +119,15 @@ def test_gguf_4bit_blocks_load_exactly(default_gguf):
     assert torch.equal(layer.mlp.down_proj.dequantize(), ref("blk.5.ffn_down.weight"))
 
 
+def test_rows_a_group_does_not_divide_take_a_smaller_one():
+    from falconet.methods.quant.int4 import Int4G128WeightOnly
+
+    model = nn.Sequential(nn.Linear(576, 32), nn.Linear(1536, 32), nn.Linear(48, 32))
+    Int4G128WeightOnly().apply(model)
+    assert [getattr(m, "group_size", None) for m in model] == [64, 128, None]  # the last: int8
+    assert isinstance(model[2], Int8Linear)
+
+
 def test_q4_0_blocks_read_exactly():
     """Q4_0 ((q - 8) d) becomes q d + m with m = -8 d, exact in fp16."""
     import gguf
@@ -142,7 +151,7 @@ def test_a_quantized_model_stays_close_to_the_float_one(next_token_kl, dtype, me
     kl, quant = next_token_kl(method, dtype)
     assert isinstance(quant.lm_head, Int8Linear)
     layers = [m for m in quant.modules() if isinstance(m, Int4Linear)]
-    assert layers and all(m.group_size == group for m in layers)
+    assert layers and all(m.group_size == group for m in layers)  # the tiny rows are 256 long
     assert not [m for m in quant.modules() if isinstance(m, nn.Linear)]
     assert kl < 0.05, kl
     assert next(m for m in catalogue() if m.name == method).kind == "quantization"
