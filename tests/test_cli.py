@@ -141,3 +141,14 @@ def test_generate_with_int8_weights(default_gguf):
     expected = llm.generate("The capital of France is", SamplingParams(max_tokens=12, temperature=0))[0].text
     assert res.stdout == expected + "\n" and expected.strip()
     assert_clean_error(run_cli(*args, "--quantization", "int3"), "unknown quantization method", "int8")
+
+
+def test_generate_compiled_equals_eager_on_the_default_model(default_gguf):
+    """--compile (the decode step through torch.compile) gives the eager engine's text."""
+    args = ("generate", "Name three rivers.", "--model", str(default_gguf), "-n", "24", "-t", "0")
+    res = run_cli(*args, "--dtype", "bfloat16", "-q", "int4", "--compile")
+    assert res.returncode == 0, res.stderr
+    assert "decode step compiled in" in res.stderr
+    llm = LLM(str(default_gguf), dtype="bfloat16", quantization="int4", max_model_len=256)
+    expected = llm.generate("Name three rivers.", SamplingParams(max_tokens=24, temperature=0))[0].text
+    assert res.stdout == expected + "\n" and expected.strip()

@@ -49,6 +49,23 @@ def test_compiled_decode_equals_eager(tiny_llama64_dir, quantization):
     assert compiled_engine.forward.available and compiled_engine.forward.compile_s > 0
 
 
+def test_no_recompiles_across_lengths_and_batch_sizes(tiny_llama64_dir):
+    """The two graphs compiled at start-up serve every context length and batch size."""
+    from torch._dynamo.utils import counters
+
+    loaded = load_model(tiny_llama64_dir, dtype=torch.bfloat16, with_tokenizer=False)
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=4, compile=True))
+    graphs = counters["stats"]["unique_graphs"]
+    for length in (1, 5, 30, 70):
+        for batch in (1, 3):
+            for _ in range(batch):
+                engine.add_request(list(range(2, 2 + length)), SamplingParams(max_tokens=20, temperature=0))
+            while engine.has_unfinished():
+                engine.step()
+    assert engine.forward.compiled_steps > 100
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compile_off_by_default(tiny_llama64_dir):
     loaded = load_model(tiny_llama64_dir, dtype=torch.bfloat16, with_tokenizer=False)
     assert LLMEngine(loaded).forward is loaded.model
