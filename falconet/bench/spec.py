@@ -205,7 +205,13 @@ def cmd_bench_spec(args) -> int:
     temperatures = [float(t) for t in args.temperatures.split(",")]
     items = load_prompts(Path(args.dataset) if args.dataset else DATA, args.per_category)
     llm = LLM(
-        args.model, dtype=args.dtype, max_num_seqs=1, draft_model=args.draft_model, draft_head=args.draft_head
+        args.model,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        max_num_seqs=1,
+        draft_model=args.draft_model,
+        draft_head=args.draft_head,
+        compile=args.compile,
     )
     # warm-up: every method once (a draft model loads, kernels settle)
     from falconet.sampling_params import SamplingParams
@@ -221,8 +227,13 @@ def cmd_bench_spec(args) -> int:
                     llm, methods, items, temperature, args.max_tokens, run, args.num_speculative_tokens
                 )
             )
+    weights = (
+        args.dtype
+        + (f"+{args.quantization}" if args.quantization else "")
+        + ("+compile" if args.compile else "")
+    )
     print(f"{len(items)} prompts ({args.per_category or 'all'} per category), max {args.max_tokens} tokens, "
-          f"batch 1, dtype {args.dtype}, threads {torch.get_num_threads()}")  # fmt: skip
+          f"batch 1, {weights}, threads {torch.get_num_threads()}")  # fmt: skip
     print(format_results(results, methods))
     rows = to_json(results)
     if args.output_json:
@@ -236,6 +247,8 @@ def add_spec_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p = bench_subparsers.add_parser("spec", help="speculative methods side by side (Spec-Bench categories)")
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--quantization", "-q", default=None, help="weight quantization (plain decoding too)")
+    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile (both too)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", default="ngram,layer-skip", help="comma-separated speculative methods")
     p.add_argument("--draft-model", default=None, help="draft model for the draft-model method")

@@ -97,7 +97,21 @@ def _register_fakes() -> None:
     torch.library.register_fake(lib + "silu_mul")(lambda gu: gu.new_empty(gu.shape[0], gu.shape[1] // 2))
 
     @torch.library.register_fake(lib + "decode_attention")
-    def _(qkv, positions, cos, sin, k_cache, v_cache, slots, tables, lengths, heads, *rest):
+    def _(
+        qkv,
+        positions,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        slots,
+        extra_rows,
+        extra_slots,
+        tables,
+        lengths,
+        heads,
+        *rest,
+    ):
         return qkv.new_empty(qkv.shape[0], heads * k_cache.shape[2])
 
 

@@ -5,8 +5,8 @@ and dispatch around tens of microseconds of work. Compiled, the forward of a dec
 one graph of our kernels (torch.ops.falconet.*, the fused ones included; kernels/ops.cpp) that
 inductor's C++ wrapper calls back to back without returning to Python.
 
-Only decode-only steps (every row a decode row: plain decoding and speculative chains, see
-`PagedKVCache.decode_only`) take the compiled graph; prefill, chunks and token trees run eagerly.
+Only decode-only steps (every row a decode row: plain decoding, speculative chains and token
+trees, see `PagedKVCache.decode_only`) take the compiled graph; prefill and chunks run eagerly.
 The step's own tensors are dynamic along their row and block-table dimensions, so there are two
 graphs (1 row, torch specialises size 1, and 2 or more rows) for every batch size and context
 length, both compiled up front. They call the same kernels in the same order as the eager path:
@@ -81,9 +81,11 @@ class CompiledDecode:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache) -> torch.Tensor:
         if not kv_cache.decode_only:
             return self.model(ids, positions, kv_cache)
-        slots, tables, lengths = kv_cache.decode_inputs
+        slots, extra_rows, extra_slots, tables, lengths = kv_cache.decode_inputs
         for t in (ids, positions, slots, lengths, tables):
             torch._dynamo.maybe_mark_dynamic(t, 0)
+        for t in (extra_rows, extra_slots):  # a tree's extra stores (never fewer than 2)
+            torch._dynamo.mark_dynamic(t, 0)
         torch._dynamo.mark_dynamic(tables, 1)
         for cache in (kv_cache.k, kv_cache.v):  # any cache size: one graph per model, cached
             torch._dynamo.mark_dynamic(cache, 2)

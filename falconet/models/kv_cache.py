@@ -96,8 +96,8 @@ class PagedKVCache:
         self._slot_mapping = torch.empty(0, dtype=torch.long)
         self._extra_rows = self._extra_slots = None  # tree rows stored into scratch blocks too
         self.trees: dict[int, TreeLayout] = {}  # segment index -> layout, for commit_tree
-        # (slots, tables, lengths) when every row of the step is a decode row on the kernel path
-        self._decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # decode_inputs when every row of the step is a decode row on the kernel path
+        self._decode: tuple[torch.Tensor, ...] | None = None
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -187,8 +187,12 @@ class PagedKVCache:
         self._extra_slots = torch.tensor(extra_slots, dtype=torch.long) if extra_rows else None
         self.copy_blocks(copies)
         self._decode = None
-        if len(plan) == 1 and plan[0][0] == "paged" and len(decodes) == offset and not self.trees:
-            self._decode = (self._slot_mapping, plan[0][2], plan[0][3])
+        if len(plan) == 1 and plan[0][0] == "paged" and len(decodes) == offset:
+            # Always at least two extra stores (row 0 again into its own slot when there are none,
+            # which changes nothing), so a compiled step never sees 0 or 1 of them (compiled.py).
+            rows, slots = (extra_rows or [0]) * 2, (extra_slots or [int(self._slot_mapping[0])]) * 2
+            extra = (torch.tensor(rows, dtype=torch.long), torch.tensor(slots, dtype=torch.long))
+            self._decode = (self._slot_mapping, *extra, plan[0][2], plan[0][3])
 
     @property
     def decode_only(self) -> bool:
@@ -197,14 +201,14 @@ class PagedKVCache:
         return self._decode is not None
 
     @property
-    def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slots, block tables, lengths) of a decode-only step."""
+    def decode_inputs(self) -> tuple[torch.Tensor, ...]:
+        """(slots, extra rows, their extra slots, block tables, lengths) of a decode-only step."""
         return self._decode
 
     def attend_decode(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, rope) -> torch.Tensor:
         """For a decode-only step: RoPE, store and attend in one call. qkv [T, (H + 2 Hkv) D] (its
         q and k are rotated in place) -> [T, H D]; the same numbers as `attend`."""
-        slots, tables, lengths = self._decode
+        slots, extra_rows, extra_slots, tables, lengths = self._decode
         heads = qkv.shape[1] // self.head_dim - 2 * self.num_kv_heads
         return cpu_kernels().decode_attention(
             qkv,
@@ -214,6 +218,8 @@ class PagedKVCache:
             self.k[layer],
             self.v[layer],
             slots,
+            extra_rows,
+            extra_slots,
             tables,
             lengths,
             heads,

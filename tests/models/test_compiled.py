@@ -32,12 +32,14 @@ def test_compiled_decode_equals_eager(tiny_llama64_dir, quantization):
         tiny_llama64_dir, dtype=torch.bfloat16, with_tokenizer=False, quantization=quantization
     )
     rng = random.Random(3)
-    # Repetitive prompts, so n-gram drafts are found and verified as multi-row decode steps.
+    # Repetitive prompts, so n-gram drafts (chains and trees) are found and verified in
+    # multi-row decode steps.
     prompts = [[rng.randrange(97) for _ in range(rng.randint(1, 12))] * rng.randint(1, 4) for _ in range(6)]
     cases = [
         SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
         SamplingParams(max_tokens=24, temperature=1.0, top_k=20, seed=5, ignore_eos=True),
         SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, speculative="ngram"),
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, speculative="ngram-tree"),
     ]
     compiled_engine = None
     for params in cases:
@@ -45,7 +47,7 @@ def test_compiled_decode_equals_eager(tiny_llama64_dir, quantization):
         compiled, compiled_engine = run(loaded, prompts, params, compile=True)
         assert compiled == eager, params
         # the compiled graphs ran: batches of several rows and, at the end, of one
-        assert compiled_engine.forward.compiled_steps > 20
+        assert compiled_engine.forward.compiled_steps > 10
     assert compiled_engine.forward.available and compiled_engine.forward.compile_s > 0
 
 

@@ -27,23 +27,31 @@ def _config() -> ModelConfig:
     )
 
 
+TREE = Segment([4, 7], 14, 5, tree=(-1, 0, 0, 1, 2))  # a token tree crossing into block 7
+
+
 @pytest.mark.skipif(kernels is None, reason="needs the C++ kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attend_decode_equals_attend(dtype):
+@pytest.mark.parametrize("with_tree", [False, True])
+def test_attend_decode_equals_attend(dtype, with_tree):
     config = _config()
     rope = RotaryEmbedding(config, 256)
     torch.manual_seed(0)
     # three sequences at different lengths, one crossing into a new block this step
     tables, starts = [[3, 1, 6], [0], [5, 2]], [40, 7, 16]
-    caches = [PagedKVCache(config, 8, 16, dtype) for _ in range(2)]
+    caches = [PagedKVCache(config, 8, 16, dtype, num_scratch_blocks=4) for _ in range(2)]
     for cache in caches:  # the same history in both caches
         torch.manual_seed(1)
         cache.k.normal_()
         cache.v.normal_()
     segments = [Segment(t, s, 1) for t, s in zip(tables, starts, strict=True)]
     positions = torch.tensor(starts)
+    if with_tree:  # tree rows: each at its depth's position
+        segments.append(TREE)
+        positions = torch.cat([positions, torch.tensor([14, 15, 15, 16, 16])])
+    rows = len(positions)
     width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-    qkv = torch.randn(3, width).to(dtype)
+    qkv = torch.randn(rows, width).to(dtype)
 
     fused, general = caches
     fused.begin_step(segments)
@@ -52,8 +60,8 @@ def test_attend_decode_equals_attend(dtype):
 
     general.begin_step(segments)
     q, k, v = qkv.clone().split([256, 128, 128], dim=-1)
-    q, k = rope.rotate(positions, q.reshape(3, 4, 64), k.reshape(3, 2, 64))
-    ref = general.attend(1, q, k, v.reshape(3, 2, 64)).reshape(3, 256)
+    q, k = rope.rotate(positions, q.reshape(rows, 4, 64), k.reshape(rows, 2, 64))
+    ref = general.attend(1, q, k, v.reshape(rows, 2, 64)).reshape(rows, 256)
     assert torch.equal(out, ref)
     assert torch.equal(fused.k, general.k) and torch.equal(fused.v, general.v)
 
@@ -66,5 +74,5 @@ def test_decode_only_only_for_decode_rows():
     assert not cache.decode_only
     cache.begin_step([Segment([0], 4, 3, as_decodes=True), Segment([1], 9, 1)])  # a chain and a decode
     assert cache.decode_only == (cache._kernels is not None)
-    cache.begin_step([Segment([0], 4, 3, tree=(-1, 0, 0))])  # a tree
-    assert not cache.decode_only
+    cache.begin_step([Segment([0], 4, 3, tree=(-1, 0, 0))])  # a tree: decode rows, extra stores
+    assert cache.decode_only == (cache._kernels is not None)

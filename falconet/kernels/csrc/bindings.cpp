@@ -23,8 +23,9 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
               bool tiled);
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                                torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
-                               torch::Tensor tables, torch::Tensor lengths, int64_t heads, int64_t kv_heads,
-                               int64_t block_size, int64_t window, double scale, bool tiled);
+                               torch::Tensor extra_rows, torch::Tensor extra_slots, torch::Tensor tables,
+                               torch::Tensor lengths, int64_t heads, int64_t kv_heads, int64_t block_size,
+                               int64_t window, double scale, bool tiled);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Every kernel lets go of the GIL: a server's event loop keeps running while a step computes.

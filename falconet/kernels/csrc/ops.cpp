@@ -21,11 +21,14 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
               bool tiled);
 
 // The attention of a decode-only step in one call: RoPE on q and k (in place in qkv), k and v into
-// the cache, then every row's attention over its block table. qkv [T, (H + 2 Hkv) D] -> [T, H D].
+// the cache (row t into slots[t], and rows extra_rows also into extra_slots: a token tree's
+// ancestors into its side branches' blocks), then every row's attention over its block table.
+// qkv [T, (H + 2 Hkv) D] -> [T, H D].
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                                torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
-                               torch::Tensor tables, torch::Tensor lengths, int64_t heads, int64_t kv_heads,
-                               int64_t block_size, int64_t window, double scale, bool tiled) {
+                               torch::Tensor extra_rows, torch::Tensor extra_slots, torch::Tensor tables,
+                               torch::Tensor lengths, int64_t heads, int64_t kv_heads, int64_t block_size,
+                               int64_t window, double scale, bool tiled) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "decode_attention: qkv must be [T, width] rows");
   const int64_t tokens = qkv.size(0), dim = k_cache.size(2);
   TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * dim, "decode_attention: qkv width does not match heads");
@@ -35,6 +38,8 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor positions, torch
   auto v = parts[2].view({tokens, kv_heads, dim});
   rope_(q, k, positions, cos, sin);
   store_kv(k, v, k_cache, v_cache, slots, tiled);
+  if (extra_rows.numel() > 0)
+    store_kv(k.index_select(0, extra_rows), v.index_select(0, extra_rows), k_cache, v_cache, extra_slots, tiled);
   return paged_attention(q.contiguous(), k_cache, v_cache, tables, lengths, block_size, window, scale, tiled)
       .view({tokens, heads * dim});
 }
@@ -58,7 +63,8 @@ TORCH_LIBRARY(falconet, m) {
   // The op's output depends on what it stored, so it cannot be dropped or reordered.
   m.def(
       "decode_attention(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, "
-      "Tensor slots, Tensor tables, Tensor lengths, int heads, int kv_heads, int block_size, int window, "
+      "Tensor slots, Tensor extra_rows, Tensor extra_slots, Tensor tables, Tensor lengths, int heads, "
+      "int kv_heads, int block_size, int window, "
       "float scale, bool tiled) -> Tensor");
 }
 
