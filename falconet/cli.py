@@ -247,7 +247,13 @@ def cmd_serve(args) -> int:
 def cmd_bench_latency(args) -> int:
     import torch
 
-    from falconet.bench.latency import bench_latency, format_table, read_bandwidth_gb_per_s, run_llama_bench
+    from falconet.bench.latency import (
+        bench_latency,
+        format_table,
+        read_bandwidth_gb_per_s,
+        run_llama_bench,
+        run_llama_cpp_python,
+    )
     from falconet.models.catalog import resolve
 
     if args.threads:
@@ -255,10 +261,13 @@ def cmd_bench_latency(args) -> int:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     baseline = None
     if args.baseline is not None:
-        baseline = run_llama_bench(
-            args.llama_bench, resolve(args.model), torch.get_num_threads(), args.prompt_tokens,
-            args.decode_tokens, args.repeats,
-        )  # fmt: skip
+        import importlib.util
+
+        settings = (torch.get_num_threads(), args.prompt_tokens, args.decode_tokens, args.repeats)
+        if args.llama_bench is None and importlib.util.find_spec("llama_cpp") is not None:
+            baseline = run_llama_cpp_python(resolve(args.model), *settings)
+        else:
+            baseline = run_llama_bench(args.llama_bench, resolve(args.model), *settings)
     results = bench_latency(args.model, dtypes, args.prompt_tokens, args.decode_tokens, args.repeats)
     bandwidth = read_bandwidth_gb_per_s()
     print(format_table(results, args.prompt_tokens, args.decode_tokens, baseline, bandwidth))
@@ -359,9 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         choices=["llama.cpp"],
         default=None,
-        help="run llama.cpp's llama-bench first, same settings",
+        help="run llama.cpp first, same GGUF and settings (llama-cpp-python, or --llama-bench)",
     )
-    p.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench (default: on PATH)")
+    p.add_argument(
+        "--llama-bench",
+        default=None,
+        help="llama.cpp's llama-bench (default: llama-cpp-python, else on PATH)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_bench_latency)
     from falconet.bench.throughput import add_throughput_parser

@@ -6,8 +6,10 @@ Each figure is the median over --repeats runs after one warm-up run.
 
 As gpt-fast does, each row also gives the weight bandwidth decode achieves (the bytes of the
 weights a token reads, times tokens/s) against the machine's read bandwidth, measured here by
-summing a 1 GiB tensor. `--baseline llama.cpp` first runs llama.cpp's llama-bench on the same
-GGUF, threads, prompt and decode lengths, and gives each row's ratio to it.
+summing a 1 GiB tensor. `--baseline llama.cpp` first runs llama.cpp on the same GGUF, threads,
+prompt and decode lengths, and gives each row's ratio to it: through llama-cpp-python in this
+process when it is installed, or llama.cpp's own llama-bench (`--llama-bench PATH`, which is
+used when given: no Python between its tokens, so the stronger baseline).
 """
 
 from __future__ import annotations
@@ -106,7 +108,52 @@ def run_llama_bench(
         raise FalconetError(
             f"llama-bench failed ({type(e).__name__}: {e}); command: {' '.join(cmd)}"
         ) from None
-    return BaselineResult("llama.cpp", float(prefill), float(decode))
+    return BaselineResult("llama.cpp (llama-bench)", float(prefill), float(decode))
+
+
+def run_llama_cpp_python(
+    gguf: Path, threads: int, prompt_tokens: int, decode_tokens: int, repeats: int
+) -> BaselineResult:
+    """llama.cpp through llama-cpp-python, in this process: our filler prompt in its tokens, then
+    greedy decoding (the argmax of each step's logits), medians of `repeats` runs after a warm-up."""
+    try:
+        import llama_cpp
+        import numpy as np
+    except ImportError:
+        raise FalconetError(
+            "--baseline llama.cpp needs llama-cpp-python (pip install llama-cpp-python) "
+            "or llama.cpp's llama-bench (--llama-bench PATH)"
+        ) from None
+    if gguf.suffix != ".gguf":
+        raise FalconetError(f"--baseline llama.cpp needs a GGUF model, not {gguf}")
+    llm = llama_cpp.Llama(
+        model_path=str(gguf), n_ctx=prompt_tokens + decode_tokens + 8, n_threads=threads,
+        n_threads_batch=threads, n_batch=max(prompt_tokens, 1), verbose=False,
+    )  # fmt: skip
+    ids: list[int] = []
+    while len(ids) < prompt_tokens:
+        ids += llm.tokenize(FILLER.encode(), add_bos=False)
+    ids, vocab = ids[:prompt_tokens], llm.n_vocab()
+
+    def next_token() -> int:
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,)).argmax())
+
+    def once(decode: int) -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        token = next_token()
+        t1 = time.perf_counter()
+        for _ in range(decode):
+            llm.eval([token])
+            token = next_token()
+        return t1 - t0, (time.perf_counter() - t1) / max(decode, 1)
+
+    once(min(decode_tokens, 8))
+    runs = [once(decode_tokens) for _ in range(repeats)]
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    return BaselineResult("llama.cpp (llama-cpp-python)", prompt_tokens / prefill, 1 / decode)
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:

@@ -13,6 +13,7 @@ from falconet.bench.latency import (
     bench_latency,
     format_table,
     run_llama_bench,
+    run_llama_cpp_python,
     weight_bytes_per_token,
 )
 from falconet.errors import FalconetError
@@ -52,7 +53,7 @@ def test_llama_bench_json_is_read_and_ratios_printed(tmp_path):
     assert (base.prefill_tokens_per_s, base.decode_tokens_per_s) == (400.0, 160.0)
     row = LatencyResult("bfloat16+int4+compile", 2000.0, 168.0, 250.0, 3.0, 95_000_000, compile_s=4.5)
     table = format_table([row], 512, 128, base, bandwidth=50.0)
-    assert "| llama.cpp | 400.0 | 160.0 |" in table
+    assert "| llama.cpp (llama-bench) | 400.0 | 160.0 |" in table
     assert "| 250 | 3.0 | 4.5 | 16.0 (32% of 50.0) | 5.00x | 1.05x |" in table
 
 
@@ -70,3 +71,22 @@ def test_llama_bench_problems_are_clean_errors(tmp_path):
         run_llama_bench(_fake_llama_bench(tmp_path, "not json"), gguf, 2, 512, 128, 3)
     with pytest.raises(FalconetError, match="needs a GGUF"):
         run_llama_bench(_fake_llama_bench(tmp_path, "[]"), tmp_path, 2, 512, 128, 3)
+
+
+def test_llama_cpp_python_baseline(default_gguf):
+    pytest.importorskip("llama_cpp")
+    base = run_llama_cpp_python(default_gguf, 2, 16, 8, 1)
+    assert base.name == "llama.cpp (llama-cpp-python)"
+    assert base.prefill_tokens_per_s > 0 and base.decode_tokens_per_s > 0
+
+
+def test_llama_cpp_python_missing_or_no_gguf_is_a_clean_error(monkeypatch, tmp_path):
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        with pytest.raises(FalconetError, match="needs a GGUF"):
+            run_llama_cpp_python(tmp_path, 2, 16, 8, 1)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    with pytest.raises(FalconetError, match="pip install llama-cpp-python"):
+        run_llama_cpp_python(tmp_path / "m.gguf", 2, 16, 8, 1)
