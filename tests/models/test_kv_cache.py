@@ -13,17 +13,11 @@ from falconet.models.rope import RotaryEmbedding
 kernels = cpu_kernels()
 
 
-def _config() -> ModelConfig:
-    return ModelConfig(
-        model_type="llama",
-        vocab_size=97,
-        hidden_size=256,
-        intermediate_size=256,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=64,
-        max_position_embeddings=256,
+@pytest.fixture(scope="module")
+def config(tiny_llama_kwargs) -> ModelConfig:
+    """The tiny Llama with head_dim 64 (tiny_llama64_dir's shape)."""
+    return ModelConfig.from_hf(
+        dict(tiny_llama_kwargs, model_type="llama", hidden_size=256, intermediate_size=256)
     )
 
 
@@ -33,8 +27,7 @@ TREE = Segment([4, 7], 14, 5, tree=(-1, 0, 0, 1, 2))  # a token tree crossing in
 @pytest.mark.skipif(kernels is None, reason="needs the C++ kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_tree", [False, True])
-def test_attend_decode_equals_attend(dtype, with_tree):
-    config = _config()
+def test_attend_decode_equals_attend(config, dtype, with_tree):
     rope = RotaryEmbedding(config, 256)
     torch.manual_seed(0)
     # three sequences at different lengths, one crossing into a new block this step
@@ -66,8 +59,8 @@ def test_attend_decode_equals_attend(dtype, with_tree):
     assert torch.equal(fused.k, general.k) and torch.equal(fused.v, general.v)
 
 
-def test_decode_only_only_for_decode_rows():
-    cache = PagedKVCache(_config(), 8, 16, torch.float32, num_scratch_blocks=4)
+def test_decode_only_only_for_decode_rows(config):
+    cache = PagedKVCache(config, 8, 16, torch.float32, num_scratch_blocks=4)
     cache.begin_step([Segment([0], 0, 5)])  # a prompt
     assert not cache.decode_only
     cache.begin_step([Segment([0], 4, 1), Segment([1], 0, 3)])  # a decode beside a prompt

@@ -3,22 +3,9 @@
 // and inductor's C++ wrapper then calls them without going back to Python between ops. Eager code
 // keeps calling the pybind11 functions of bindings.cpp (cheaper from Python than the dispatcher).
 
-#include <torch/extension.h>
 #include <torch/library.h>
 
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              torch::Tensor tables, torch::Tensor lengths, int64_t block_size,
-                              int64_t window, double scale, bool tiled);
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t out_features, torch::Tensor bias);
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t out_features,
-                          torch::Tensor bias);
-torch::Tensor linear_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor d, torch::Tensor mins,
-                        int64_t out_features, torch::Tensor bias, int64_t group);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, std::optional<torch::Tensor> residual);
-void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor silu_mul(torch::Tensor gate_up);
-void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
-              bool tiled);
+#include "kernels.h"
 
 // The attention of a decode-only step in one call: RoPE on q and k (in place in qkv), k and v into
 // the cache (row t into slots[t], and rows extra_rows also into extra_slots: a token tree's
