@@ -242,9 +242,11 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def load_gguf_state_dict(
-    reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype
+    reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype, skip: frozenset[str] = frozenset()
 ) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to `dtype`, under its Hugging Face name and in its PyTorch shape."""
+    """Every tensor dequantized to `dtype`, under its Hugging Face name and in its PyTorch shape.
+    Tensors named in `skip` are not read: an uninitialised tensor of their shape stands in (for
+    weights that arrive another way, e.g. as their 4-bit blocks)."""
     source = _file(reader)
     if reader.byte_order == "S":
         raise FalconetError(f"{source}: big-endian GGUF files are not supported")
@@ -259,6 +261,9 @@ def load_gguf_state_dict(
         name = hf_name(t.name)
         if name not in shapes:
             raise FalconetError(f"{source}: unexpected tensor {t.name!r} for this {config.model_type} model")
+        if name in skip:
+            state[name] = torch.empty(shapes[name], dtype=dtype)
+            continue
         arr = _dequantize(t, source)
         if arr.shape != shapes[name]:
             raise FalconetError(
@@ -298,10 +303,11 @@ def four_bit_blocks(t: gguf.ReaderTensor) -> tuple[np.ndarray, np.ndarray, np.nd
     return q, d.copy(), m.copy()
 
 
-def load_gguf_4bit_blocks(path: str | Path, config: ModelConfig) -> dict[str, tuple[torch.Tensor, ...]]:
+def load_gguf_4bit_blocks(
+    reader: gguf.GGUFReader, config: ModelConfig
+) -> dict[str, tuple[torch.Tensor, ...]]:
     """The Q4_0/Q4_1 weights of a GGUF file as their blocks (`four_bit_blocks`), by Hugging Face
     name, rows in PyTorch order (llama's Q/K rows unpermuted as in load_gguf_state_dict)."""
-    reader = open_gguf(path)
     out = {}
     for t in reader.tensors:
         blocks = four_bit_blocks(t)

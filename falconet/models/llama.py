@@ -194,17 +194,22 @@ class LlamaForCausalLM(nn.Module):
             )
 
     @staticmethod
+    def module_of(hf_weight: str) -> tuple[str, int]:
+        """A Hugging Face linear weight's name -> (our linear module holding it, its shard)."""
+        name = hf_weight.removeprefix("model.").removesuffix(".weight")
+        for frag, (fused, i) in _FUSED.items():
+            if name.endswith(f".{frag}"):
+                return name.replace(frag, fused), i
+        return name, 0
+
+    @staticmethod
     def fuse_rows(tensors: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, tuple[torch.Tensor, ...]]:
         """Per-weight tuples of row-wise tensors (e.g. a quantized weight's values and scales)
         under Hugging Face weight names -> the same under our linear modules' names, the shards
         of a fused layer stacked in order. A fused layer with a shard missing is left out."""
         shards: dict[str, dict[int, tuple]] = {}
         for hf_name, parts in tensors.items():
-            name, idx = hf_name.removeprefix("model.").removesuffix(".weight"), 0
-            for frag, (fused, i) in _FUSED.items():
-                if name.endswith(f".{frag}"):
-                    name, idx = name.replace(frag, fused), i
-                    break
+            name, idx = LlamaForCausalLM.module_of(hf_name)
             shards.setdefault(name, {})[idx] = parts
         out = {}
         for name, found in shards.items():

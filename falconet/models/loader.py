@@ -53,20 +53,19 @@ def load_model(
 
         quantizer = QUANTIZATION_METHODS.lookup(quantization)()  # an unknown name fails before loading
     path = resolve(spec)
+    blocks = None
     if path.is_dir():
         config, weights, tokenizer = _read_hf_folder(path, with_tokenizer)
     else:
-        config, weights, tokenizer = _read_gguf(path, dtype, with_tokenizer)
+        four_bit = getattr(quantizer, "takes_gguf_blocks", False)
+        config, weights, tokenizer, blocks = _read_gguf(path, dtype, with_tokenizer, four_bit)
     max_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     model = _build(config, max_len, dtype)
     model.load_weights(weights)
     if quantizer is not None:
         with torch.no_grad():
-            if getattr(quantizer, "takes_gguf_blocks", False) and not path.is_dir():
-                # the file's own 4-bit blocks, exactly, rather than re-rounding their float values
-                from falconet.models.gguf import load_gguf_4bit_blocks
-
-                quantizer.apply(model, model.fuse_rows(load_gguf_4bit_blocks(path, config)))
+            if blocks is not None:
+                quantizer.apply(model, blocks)
             else:
                 quantizer.apply(model)
     return LoadedModel(model.eval(), tokenizer, config, path)
@@ -116,13 +115,24 @@ def _read_hf_folder(path: Path, with_tokenizer: bool):
     return config, weights, tokenizer
 
 
-def _read_gguf(path: Path, dtype: torch.dtype, with_tokenizer: bool):
-    from falconet.models.gguf import load_gguf
+def _read_gguf(path: Path, dtype: torch.dtype, with_tokenizer: bool, four_bit: bool = False):
+    """Config, weights, tokenizer and, with `four_bit`, the file's Q4_0/Q4_1 layers as their own
+    blocks by our module names (exactly the file's values, never dequantized: their float
+    weights are placeholders the 4-bit layers replace)."""
+    from falconet.models import gguf
 
-    config, weights, meta = load_gguf(path, dtype)
+    reader = gguf.open_gguf(path)
+    meta = gguf.read_metadata(reader)
+    config = gguf.config_from_gguf(meta, reader)
+    blocks, skip = None, frozenset()
+    if four_bit:
+        by_weight = gguf.load_gguf_4bit_blocks(reader, config)
+        blocks = LlamaForCausalLM.fuse_rows(by_weight)
+        skip = frozenset(n for n in by_weight if LlamaForCausalLM.module_of(n)[0] in blocks)
+    weights = gguf.load_gguf_state_dict(reader, config, dtype, skip)
     tokenizer = None
     if with_tokenizer:
         from falconet.models.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_gguf_metadata(meta, source=str(path))
-    return config, weights, tokenizer
+    return config, weights, tokenizer, blocks

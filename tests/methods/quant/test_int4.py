@@ -128,6 +128,24 @@ def test_rows_a_group_does_not_divide_take_a_smaller_one():
     assert isinstance(model[2], Int8Linear)
 
 
+def test_gguf_4bit_layers_are_never_dequantized(default_gguf, monkeypatch):
+    """No float detour: with -q int4 the file's Q4_1 tensors are read only as blocks."""
+    import gguf as gguf_lib
+
+    from falconet.models import gguf
+
+    dequantized = []
+    real = gguf._dequantize
+    monkeypatch.setattr(
+        gguf, "_dequantize", lambda t, source: dequantized.append(t.tensor_type) or real(t, source)
+    )
+    load_model(default_gguf, dtype=torch.bfloat16, with_tokenizer=False, quantization="int4")
+    assert dequantized and gguf_lib.GGMLQuantizationType.Q4_1 not in dequantized
+    dequantized.clear()
+    load_model(default_gguf, dtype=torch.bfloat16, with_tokenizer=False, quantization="int4-g64")
+    assert gguf_lib.GGMLQuantizationType.Q4_1 in dequantized  # other block sizes re-round the floats
+
+
 def test_q4_0_blocks_read_exactly():
     """Q4_0 ((q - 8) d) becomes q d + m with m = -8 d, exact in fp16."""
     import gguf
