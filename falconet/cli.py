@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     from falconet.bench.spec import add_spec_bench_parser
 
     add_spec_bench_parser(bench)
+    from falconet.bench.multi_draft import add_multi_draft_parser
+
+    add_multi_draft_parser(bench)
     add_quality_parser(bench)
     return parser
 

@@ -110,7 +110,14 @@ class Speculator:
         scratch = self.engine.kv_cache.num_scratch_blocks
         for name, rows in groups.items():
             reqs = [batch.requests[i] for i in rows]
-            made = self.proposer(name).propose(reqs, [batch.num_tokens[i] - 1 for i in rows])
+            budgets = [batch.num_tokens[i] - 1 for i in rows]
+            if self.proposer(name).samples_trees:  # sampled trees are never trimmed to fit later
+                share = scratch // max(1, sum(not r.params.greedy for r in reqs))
+                budgets = [
+                    k if r.params.greedy else min(k, self._tree_cap(r, share))
+                    for k, r in zip(budgets, reqs, strict=True)
+                ]
+            made = self.proposer(name).propose(reqs, budgets)
             for i, draft in zip(rows, made, strict=True):
                 draft.truncate(batch.num_tokens[i] - 1)
                 scratch -= self._fit_tree(batch.requests[i], draft, scratch)
@@ -118,6 +125,19 @@ class Speculator:
                 if draft.tokens:
                     drafts[i] = draft
         return drafts
+
+    def _tree_cap(self, req, share: int) -> int:
+        """The most nodes `req`'s tree may have so that, whatever its shape, its side branches fit
+        in `share` scratch blocks. Fixed before drafting: a sampled tree is never cut afterwards."""
+        bs, start = self.engine.kv_cache.block_size, req.num_computed
+
+        def worst(n: int) -> int:  # every node but one starts a branch as deep as the tree
+            return (n - 1) * ((start + n) // bs - (start + 1) // bs + 1)
+
+        n = 1
+        while n < 64 and worst(n + 1) <= share:
+            n += 1
+        return n
 
     def _fit_tree(self, req, draft: Draft, scratch: int) -> int:
         """Trim a token tree to the scratch blocks left this step; returns the blocks it takes."""

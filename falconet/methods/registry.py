@@ -56,9 +56,12 @@ class Registry:
 
 def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.draft_model import DraftModelProposer
+    from falconet.methods.speculative.dyspec import DySpecProposer
     from falconet.methods.speculative.eagle import EagleProposer, EagleTreeProposer
     from falconet.methods.speculative.layer_skip import LayerSkipProposer
     from falconet.methods.speculative.ngram import NgramProposer, NgramTreeProposer
+    from falconet.methods.speculative.rsd import RecursiveSpeculativeProposer
+    from falconet.methods.speculative.spectr import SpecTrProposer
 
     for cls in (
         NgramProposer,
@@ -67,6 +70,9 @@ def _builtin_speculative(registry: Registry) -> None:
         LayerSkipProposer,
         EagleProposer,
         EagleTreeProposer,
+        SpecTrProposer,
+        RecursiveSpeculativeProposer,
+        DySpecProposer,
     ):
         registry._entries[cls.name] = cls
 

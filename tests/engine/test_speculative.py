@@ -17,7 +17,17 @@ from falconet.methods.speculative.ngram import NgramTreeProposer
 from falconet.models.loader import load_model
 from falconet.sampling_params import SamplingParams
 
-METHODS = ["ngram", "ngram-tree", "draft-model", "layer-skip", "eagle", "eagle-tree"]
+METHODS = [
+    "ngram",
+    "ngram-tree",
+    "draft-model",
+    "layer-skip",
+    "eagle",
+    "eagle-tree",
+    "spectr",
+    "rsd",
+    "dyspec",
+]
 
 
 class DecoyTreeProposer(NgramTreeProposer):
@@ -213,7 +223,12 @@ def peaked(tiny_llama_dir, draft_dir):
 
 def _samples(loaded, draft, params, seed0: int, head=None) -> list[list[int]]:
     prompt = repetitive_prompts(1, seed=5)[0]
-    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=256, draft_model=draft, draft_head=head))
+    # Sampled trees are sized before drafting to the scratch blocks their share guarantees (a
+    # tree is never cut afterwards): 8 at a time leaves room for trees of 6 nodes.
+    tree = params.speculative in MULTI_DRAFT_METHODS
+    engine = LLMEngine(
+        loaded, EngineConfig(max_num_seqs=8 if tree else 256, draft_model=draft, draft_head=head)
+    )
     reqs = [
         engine.add_request(prompt, SamplingParams(**{**params.__dict__, "seed": seed0 + i}))
         for i in range(SAMPLES)
@@ -253,9 +268,13 @@ SAMPLED = [
 ]
 
 
+# methods that draft sampled trees (several candidates per position, exactly verified)
+MULTI_DRAFT_METHODS = ("spectr", "rsd", "dyspec")
+
 # drafts per step (a tree's: nodes); decoy-tree drafts trees of two branches or more
 DISTRIBUTION_METHODS = {
     "draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6, "eagle-tree": 6,
+    "spectr": 6, "rsd": 6, "dyspec": 6,
 }  # fmt: skip
 
 
@@ -283,14 +302,17 @@ def _ratio_inverted(u, p, q):
     return u * p < q
 
 
-@pytest.mark.parametrize("method", ["draft-model", "decoy-tree"])
+@pytest.mark.parametrize("method", ["draft-model", "decoy-tree", "spectr", "rsd"])
 @pytest.mark.parametrize("mutation", [_always, _ratio_inverted], ids=["accept-always", "q-over-p"])
-def test_the_distribution_test_catches_a_wrong_acceptance_rule(peaked, monkeypatch, mutation, method):
+def test_the_distribution_test_catches_a_wrong_acceptance_rule(
+    peaked, tiny_eagle_head_dir, monkeypatch, mutation, method
+):
     target, draft = peaked
     params = SAMPLED[0]
     plain = _samples(target, draft, params, seed0=0)
     monkeypatch.setattr(verifier, "accept", mutation)
-    ours = _samples(target, draft, spec(params, method, k=DISTRIBUTION_METHODS[method]), seed0=10**6)
+    k = DISTRIBUTION_METHODS[method]
+    ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=str(tiny_eagle_head_dir))
     results = [_chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours]) for pos in POSITIONS]
     assert any(p_value <= 1e-3 or tv >= TV_BOUND for p_value, tv in results), results
 

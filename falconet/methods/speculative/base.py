@@ -38,8 +38,16 @@ class Draft:
     A tree (SpecInfer, Miao et al., 2024) offers several continuations at once: `parents[j]` is
     the index of token j's parent draft (parents come first), -1 when token j continues the
     request's known tokens directly; the target verifies every node in one forward (tree
-    attention, models/tree_attention.py) and keeps one root-to-node path. Tree drafts are
-    deterministic (probs None).
+    attention, models/tree_attention.py) and keeps one root-to-node path.
+
+    A tree is deterministic (probs None: every node a point mass), or sampled, with `scheme`
+    saying how (multi_draft.py verifies each): "without-replacement", each node's children drawn
+    one after another from the drafter's q at the node without replacement, in index order
+    (Recursive Speculative Decoding); "iid", `sequences` drafted independently, each a list of
+    node indices from the root down, merged where they agree (SpecTr). probs[j] is then the
+    drafter's q at node j's parent, the distribution j was drawn from. A sampled tree must come
+    within its budget: which draws are verified may not depend on their values, so it is never
+    cut afterwards.
     """
 
     tokens: list[int]
@@ -47,14 +55,20 @@ class Draft:
     # were chosen deterministically (n-gram lookup, greedy drafting): q is then a point mass.
     probs: torch.Tensor | None = None
     parents: list[int] | None = None  # None: a chain, token j follows token j - 1
+    scheme: str | None = None  # a sampled tree's: "without-replacement" or "iid"
+    sequences: list[list[int]] | None = None  # "iid": the drafted sequences' node paths
 
     def __post_init__(self) -> None:
         if self.parents is not None:
             if len(self.parents) != len(self.tokens):
                 raise ValueError("a token tree needs one parent per draft token")
-            if self.probs is not None:
-                raise ValueError("token trees are verified as deterministic drafts (probs=None)")
-            if self.parents == list(range(-1, len(self.tokens) - 1)):
+            if (self.probs is None) != (self.scheme is None):
+                raise ValueError("a sampled token tree needs probs and a scheme, a deterministic one neither")
+            if self.scheme not in (None, "without-replacement", "iid"):
+                raise ValueError(f"unknown draft scheme {self.scheme!r}")
+            if self.scheme == "iid" and self.sequences is None:
+                raise ValueError("an i.i.d. multi-draft tree lists its sequences")
+            if self.scheme is None and self.parents == list(range(-1, len(self.tokens) - 1)):
                 self.parents = None  # a chain after all: the chain path is cheaper
 
     @property
@@ -63,6 +77,10 @@ class Draft:
 
     def truncate(self, n: int) -> None:
         """Keep the first n drafts (a tree stays a tree: parents come before children)."""
+        if n >= len(self.tokens):
+            return
+        if self.scheme is not None:
+            raise ValueError("a sampled draft tree cannot be cut after drafting (see Draft)")
         self.tokens = self.tokens[:n]
         if self.probs is not None:
             self.probs = self.probs[:n]
@@ -116,6 +134,9 @@ class Proposer(ABC):
     uses_hidden_states: ClassVar[bool] = False
     # True: drafts token trees; the tokens granted are a node budget, not a depth
     drafts_trees: ClassVar[bool] = False
+    # True: drafts sampled trees for sampled requests (Draft.scheme), which may not be cut to fit
+    # the step's scratch blocks afterwards: the engine sizes their budgets before drafting
+    samples_trees: ClassVar[bool] = False
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine

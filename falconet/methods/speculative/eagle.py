@@ -221,12 +221,11 @@ class EagleProposer(Proposer):
     def on_reset(self, req) -> None:
         self._state.pop(req.request_id, None)
 
-    @torch.inference_mode()
-    def propose(self, requests, max_tokens):
-        head, vocab, full = self.head, self.head.draft_vocab, self.engine.model.config.vocab_size
-        drafts = new_drafts(requests)
-        active = []
-        ids, feats, positions, segments, last_rows = [], [], [], [], []
+    def _catch_up(self, requests, max_tokens) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """Feed the head the target's features it has not seen, up to each request's last known
+        token. Returns the requests it can draft for (indices), and for each the head's predicted
+        feature at its last known token and its logits there (the first draft's distribution)."""
+        active, ids, feats, positions, segments, last_rows = [], [], [], [], [], []
         for i, req in enumerate(requests):
             state, last = self._get(req), req.num_tokens - 2  # the last pair: (f_{N-2}, x_{N-1})
             first = max(state.valid, state.feature_start)
@@ -243,31 +242,39 @@ class EagleProposer(Proposer):
             self._record_blocks(req, first, last + 1)
             state.valid, state.feature_start, state.features = last + 1, last + 1, []
         if not active:
+            return active, None, None
+        self.cache.begin_step(segments)
+        out = self.head(torch.tensor(ids), torch.cat(feats), torch.tensor(positions), self.cache)
+        out = out[torch.tensor(last_rows)]
+        return active, out, self.head.compute_logits(out)
+
+    @torch.inference_mode()
+    def propose(self, requests, max_tokens):
+        head, vocab, full = self.head, self.head.draft_vocab, self.engine.model.config.vocab_size
+        drafts = new_drafts(requests)
+        active, out, logits = self._catch_up(requests, max_tokens)
+        if not active:
             return self.widen(requests, max_tokens, finish_drafts(drafts), {})
-        step_feats = torch.cat(feats)
-        first_logits = None
-        while active:
-            self.cache.begin_step(segments)
-            out = head(torch.tensor(ids), step_feats, torch.tensor(positions), self.cache)
-            out = out[torch.tensor(last_rows)]
+        first_logits = dict(zip(active, logits, strict=True))
+        while True:
             reqs = [requests[i] for i in active]
-            logits = head.compute_logits(out)
-            if first_logits is None:
-                first_logits = dict(zip(active, logits, strict=True))
             confidence = choose_tokens(logits, reqs, [drafts[i] for i in active], vocab, full)
             keep = [
                 r for r, i in enumerate(active)
                 if len(drafts[i].tokens) < max_tokens[i] and confidence[r] >= self.min_confidence
             ]  # fmt: skip
             active = [active[r] for r in keep]
+            if not active:
+                break
             # The next pair: (predicted feature, drafted token) at the next position.
-            step_feats = out[torch.tensor(keep, dtype=torch.long)]
+            feats = out[torch.tensor(keep, dtype=torch.long)]
             ids = [drafts[i].tokens[-1] for i in active]
             positions = [requests[i].num_tokens + len(drafts[i].tokens) - 2 for i in active]
-            segments = [
-                Segment(requests[i].block_table, p, 1) for i, p in zip(active, positions, strict=True)
-            ]
-            last_rows = list(range(len(active)))
+            self.cache.begin_step(
+                [Segment(requests[i].block_table, p, 1) for i, p in zip(active, positions, strict=True)]
+            )
+            out = head(torch.tensor(ids), feats, torch.tensor(positions), self.cache)
+            logits = head.compute_logits(out)
         return self.widen(requests, max_tokens, finish_drafts(drafts), first_logits)
 
     def widen(self, requests, max_tokens, drafts, first_logits) -> list[Draft]:

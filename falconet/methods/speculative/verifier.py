@@ -18,7 +18,9 @@ and renormalised (min(1, r/q) for a point-mass q); when all are rejected the tok
 what is left of r. This is recursive rejection sampling with point-mass drafts (Yang et al.,
 2024, "Multi-Candidate Speculative Decoding"; Jeon et al., 2024, "Recursive Speculative
 Decoding"): the chosen token is distributed exactly as r at every node. Greedy: follow the child
-equal to the argmax while there is one.
+equal to the argmax while there is one. A sampled tree (children drawn from the drafter's q) is
+verified node by node by the rule of the way it was drawn (multi_draft.py: SpecTr's selection for
+i.i.d. sequences, recursive rejection sampling for draws without replacement).
 
 Randomness comes from the request's own generator, so a seeded request stays reproducible.
 """
@@ -109,6 +111,8 @@ def verify_tree(logits: torch.Tensor, draft: Draft, request) -> Verdict:
             node = nxt
     probs = torch.softmax(warp_logits(shaped, [request.params] * shaped.shape[0]), dim=-1)
     g = request.generator
+    if draft.scheme is not None:
+        return _verify_sampled_tree(probs, draft, children, g)
     while True:
         residual = probs[node + 1].clone()
         for c in children.get(node, []):
@@ -126,3 +130,32 @@ def verify_tree(logits: torch.Tensor, draft: Draft, request) -> Verdict:
         else:
             token = int(_draw(residual[None], [g])[0])
             return Verdict([tokens[i] for i in path] + [token], len(path), path)
+
+
+def _verify_sampled_tree(probs: torch.Tensor, draft: Draft, children: dict, g) -> Verdict:
+    """A tree of sampled drafts (multi_draft.py): at each node the candidates are its children in
+    the order drawn ("without-replacement": recursive rejection sampling) or the next tokens of
+    the sequences still alive ("iid": SpecTr's k-sequential selection), from the drafter's q."""
+    from falconet.methods.speculative import multi_draft
+
+    tokens = draft.tokens
+    alive = list(draft.sequences or [])
+    path, node, depth = [], -1, 0
+    while True:
+        if draft.scheme == "iid":
+            cands = [seq[depth] for seq in alive if len(seq) > depth]
+        else:
+            cands = children.get(node, [])
+        p = probs[node + 1]
+        if not cands:
+            token = int(_draw(p[None], [g])[0])
+            return Verdict([tokens[i] for i in path] + [token], len(path), path)
+        select = multi_draft.spectr_select if draft.scheme == "iid" else multi_draft.rrs_select
+        chosen, residual = select(p, draft.probs[cands[0]], [tokens[c] for c in cands], g)
+        if chosen is None:
+            token = int(_draw(residual[None], [g])[0])
+            return Verdict([tokens[i] for i in path] + [token], len(path), path)
+        node = cands[chosen]
+        path.append(node)
+        alive = [seq for seq in alive if len(seq) > depth and seq[depth] == node]
+        depth += 1

@@ -66,13 +66,15 @@ def test_eagle_head_that_learnt_these_answers_drafts_them(llm, prompts, tmp_path
     save_head(head, tmp_path, {})
     engine.config.draft_head = str(tmp_path)  # read when the eagle proposer is first made
     plain = [o.token_ids for o in _run(llm, prompts, None)]
-    outs = _run(llm, prompts, "eagle")
-    assert [o.token_ids for o in outs] == plain
-    steps = sum(o.outputs[0].speculative_metrics["num_steps"] for o in outs)
-    accepted = sum(o.outputs[0].speculative_metrics["num_accepted_tokens"] for o in outs)
-    assert (accepted + steps) / steps >= EAGLE_FLOOR, (accepted + steps) / steps
+    for method, floor in EAGLE_FLOORS.items():  # the same head drafts chains and trees
+        outs = _run(llm, prompts, method)
+        assert [o.token_ids for o in outs] == plain, method
+        steps = sum(o.outputs[0].speculative_metrics["num_steps"] for o in outs)
+        accepted = sum(o.outputs[0].speculative_metrics["num_accepted_tokens"] for o in outs)
+        assert (accepted + steps) / steps >= floor, (method, (accepted + steps) / steps)
 
 
-# Measured 2.45 tokens per verify step (4 drafts, stopping below confidence 0.3): later drafts
-# read the head's own predicted features, which even a memorising head gets less right.
-EAGLE_FLOOR = 2.1
+# Measured tokens per verify step: eagle 2.40-2.45 (4 drafts, stopping below confidence 0.3):
+# later drafts read the head's own predicted features, which even a memorising head gets less
+# right; the head's trees (greedy: its best tokens) spectr 2.43, rsd 2.43, dyspec 2.61.
+EAGLE_FLOORS = {"eagle": 2.1, "spectr": 2.1, "rsd": 2.1, "dyspec": 2.25}
