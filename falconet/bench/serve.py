@@ -59,6 +59,7 @@ class RequestResult:
     ttft: float = 0.0
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
+    speculative_metrics: dict | None = None  # Falconet's extension field, from the last chunk
 
     @property
     def tpot(self) -> float | None:
@@ -75,6 +76,8 @@ class ServeBenchResult:
     endpoint: str
     duration_s: float
     requests: list[RequestResult]
+    max_concurrency: int | None = None
+    speculative: str | None = None  # the method every request named (Falconet's extension field)
 
     @property
     def completed(self) -> list[RequestResult]:
@@ -99,6 +102,8 @@ class ServeBenchResult:
             "base_url": self.base_url,
             "model": self.model,
             "endpoint": self.endpoint,
+            "max_concurrency": self.max_concurrency,
+            "speculative": self.speculative,
             "completed": len(done),
             "failed": self.num_failed,
             "duration_s": d,
@@ -112,7 +117,16 @@ class ServeBenchResult:
             "itl_s": stats([x for r in done for x in r.itl]),
             "e2e_latency_s": stats([r.latency for r in done]),
             "errors": sorted({r.error for r in self.requests if not r.ok})[:5],
+            "drafted_per_output_token": self.drafted_per_output_token,
         }
+
+    @property
+    def drafted_per_output_token(self) -> float | None:
+        """Draft tokens the server verified per output token (None: no speculative metrics)."""
+        metrics = [r.speculative_metrics for r in self.completed if r.speculative_metrics]
+        if not metrics or not self.output_tokens:
+            return None
+        return sum(m.get("num_drafted_tokens", 0) for m in metrics) / self.output_tokens
 
 
 def stats(values: list[float]) -> dict:
@@ -138,6 +152,13 @@ def random_requests(num: int, input_len: int, output_len: int, range_ratio: floa
 
 
 def dataset_requests(path: str | Path, num: int | None, output_len: int) -> list[BenchRequest]:
+    """Requests from a JSONL file: {"prompt": str, optional "output_len"}, or Spec-Bench style
+    {"category", "turns"} (the first turn); "spec-bench" is the prompt set we ship for `bench spec`.
+    Entries with categories are taken in turn from each category, so a prefix covers them all."""
+    if str(path) == "spec-bench":
+        from falconet.bench.spec import DATA
+
+        path = DATA
     path = Path(path)
     if not path.is_file():
         raise FalconetError(f"no such dataset file: {path}")
@@ -150,14 +171,21 @@ def dataset_requests(path: str | Path, num: int | None, output_len: int) -> list
         except json.JSONDecodeError as e:
             raise FalconetError(f"{path}:{i}: invalid JSON ({e})") from None
         prompt, n = entry.get("prompt"), entry.get("output_len", output_len)
+        if prompt is None and isinstance(entry.get("turns"), list) and entry["turns"]:
+            prompt = entry["turns"][0]
         if not isinstance(prompt, str) or not prompt:
-            raise FalconetError(f"{path}:{i}: each line needs a non-empty 'prompt' string")
+            raise FalconetError(f"{path}:{i}: each line needs a non-empty 'prompt' string (or 'turns')")
         if not isinstance(n, int) or n < 1:
             raise FalconetError(f"{path}:{i}: output_len must be a positive integer")
-        out.append(BenchRequest(prompt, n))
+        out.append((str(entry.get("category", "")), BenchRequest(prompt, n)))
     if not out:
         raise FalconetError(f"{path}: no requests")
-    return out[:num] if num else out
+    by_category: dict[str, list[BenchRequest]] = {}
+    for category, req in out:
+        by_category.setdefault(category, []).append(req)
+    queues = list(by_category.values())
+    ordered = [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
+    return ordered[:num] if num else ordered
 
 
 # ---------------------------------------------------------------- one request
@@ -185,6 +213,10 @@ async def send(client, url: str, body: dict, chat: bool) -> RequestResult:
                     result.error = f"stream error: {chunk['error']}"[:200]
                     return result
                 usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    result.speculative_metrics = (
+                        choice.get("speculative_metrics") or result.speculative_metrics
+                    )
                 if _has_text(chunk, chat):
                     now = time.perf_counter()
                     if last is None:
@@ -229,6 +261,7 @@ async def _run(
     seed: int,
     timeout_s: float,
     label: str,
+    extra: dict,
 ) -> ServeBenchResult:
     import httpx
 
@@ -248,6 +281,7 @@ async def _run(
         async def one(req: BenchRequest) -> RequestResult:
             body = {"model": model, "max_tokens": req.output_len, "temperature": 0, "stream": True}
             body["stream_options"] = {"include_usage": True}
+            body.update(extra)
             if ignore_eos:
                 body["ignore_eos"] = True
             if chat:
@@ -267,7 +301,16 @@ async def _run(
             tasks.append(asyncio.create_task(one(req)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    return ServeBenchResult(label or base_url, base_url, model, endpoint, duration, list(results))
+    return ServeBenchResult(
+        label or base_url,
+        base_url,
+        model,
+        endpoint,
+        duration,
+        list(results),
+        max_concurrency,
+        extra.get("speculative"),
+    )
 
 
 async def _first_model(client, base_url: str) -> str:
@@ -296,14 +339,19 @@ def run_serve_bench(
     api_key: str | None = None,
     seed: int = 0,
     timeout_s: float = 600.0,
+    temperature: float = 0.0,
+    speculative: list[str] | None = None,
 ) -> list[ServeBenchResult]:
-    """Run the same requests against each server in turn."""
+    """Run the same requests against each server in turn; with `speculative`, once per method
+    named (Falconet's `speculative` request field; "none": plain decoding), labelled by it."""
     if endpoint not in ("completions", "chat"):
         raise FalconetError(f"--endpoint must be completions or chat, got {endpoint!r}")
     if not request_rate > 0:
         raise FalconetError(f"--request-rate must be positive, got {request_rate}")
     if max_concurrency is not None and max_concurrency < 1:
         raise FalconetError(f"--max-concurrency must be positive, got {max_concurrency}")
+    if not temperature >= 0:
+        raise FalconetError(f"--temperature must be >= 0, got {temperature}")
     labels = list(labels or [])
     if len(labels) > len(base_urls):
         raise FalconetError("more --label than --base-url")
@@ -312,12 +360,16 @@ def run_serve_bench(
     else:
         requests = random_requests(num_prompts, input_len, output_len, range_ratio, seed)
     labels += [""] * (len(base_urls) - len(labels))
-    return [
-        asyncio.run(
-            _run(
-                url,
-                requests,
-                model,
+    runs = []
+    for url, label in zip(base_urls, labels, strict=True):
+        for method in speculative or [None]:
+            extra: dict = {"temperature": temperature}
+            name = label
+            if method is not None:
+                name = f"{label or url} {method}"
+                if method != "none":
+                    extra["speculative"] = method
+            args = (
                 endpoint,
                 request_rate,
                 max_concurrency,
@@ -325,11 +377,11 @@ def run_serve_bench(
                 api_key,
                 seed,
                 timeout_s,
-                label,
+                name,
+                extra,
             )
-        )  # fmt: skip
-        for url, label in zip(base_urls, labels, strict=True)
-    ]
+            runs.append(asyncio.run(_run(url, requests, model, *args)))
+    return runs
 
 
 # ---------------------------------------------------------------- report
@@ -369,27 +421,86 @@ def _ms(s: dict) -> str:
 
 
 def cmd_bench_serve(args) -> int:
-    results = run_serve_bench(
-        args.base_url,
-        labels=args.label,
-        model=args.model,
-        endpoint=args.endpoint,
-        num_prompts=args.num_prompts,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        range_ratio=args.range_ratio,
-        dataset=args.dataset,
-        request_rate=args.request_rate,
-        max_concurrency=args.max_concurrency,
-        ignore_eos=args.ignore_eos,
-        api_key=args.api_key,
-        seed=args.seed,
-        timeout_s=args.timeout,
-    )
-    print(format_table(results, args.request_rate, args.max_concurrency))
+    methods = [m.strip() for m in args.speculative.split(",")] if args.speculative else None
+    results = []
+    for concurrency in _concurrencies(args.max_concurrency):
+        runs = run_serve_bench(
+            args.base_url,
+            labels=args.label,
+            model=args.model,
+            endpoint=args.endpoint,
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            range_ratio=args.range_ratio,
+            dataset=args.dataset,
+            request_rate=args.request_rate,
+            max_concurrency=concurrency,
+            ignore_eos=args.ignore_eos,
+            api_key=args.api_key,
+            seed=args.seed,
+            timeout_s=args.timeout,
+            temperature=args.temperature,
+            speculative=methods,
+        )
+        print(format_table(runs, args.request_rate, concurrency), end="\n\n", flush=True)
+        results.extend(runs)
+    if methods and "none" in methods:
+        print(format_method_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict_summary(r) for r in results], indent=2) + "\n")
     return 0 if all(r.completed for r in results) else 1
+
+
+def _concurrencies(text: str | None) -> list[int | None]:
+    if text is None:
+        return [None]
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise FalconetError(f"--max-concurrency takes integers separated by commas, got {text!r}") from None
+
+
+def format_method_table(results: list[ServeBenchResult]) -> str:
+    """Output tokens/s of each method at each concurrency, and its ratio to plain decoding
+    ("none") at the same concurrency on the same server."""
+    levels = sorted({r.max_concurrency or 0 for r in results})
+    plain = {(r.base_url, r.max_concurrency): r for r in results if r.speculative is None}
+    names = {r.label[: -len(r.speculative or "none")].strip(): r.base_url for r in results}
+    lines = [
+        "by concurrency: output tokens/s, mean request latency (each as a speedup over plain decoding "
+        "at the same concurrency), draft tokens verified per output token",
+        "",
+        "| server | method | " + " | ".join(f"{c or 'unlimited'}" for c in levels) + " |",
+        "|---|---|" + "---|" * len(levels),
+    ]
+    for name, url in names.items():
+        for method in dict.fromkeys(r.speculative or "none" for r in results if r.base_url == url):
+            cells = []
+            for c in levels:
+                run = next(
+                    (r for r in results if r.base_url == url and (r.speculative or "none") == method
+                     and (r.max_concurrency or 0) == c),
+                    None,
+                )  # fmt: skip
+                base = plain.get((url, run.max_concurrency)) if run else None
+                if run is None or not run.completed:
+                    cells.append("-")
+                    continue
+                s = run.summary()
+                tps, latency = s["output_throughput"], s["e2e_latency_s"]["mean"]
+                cell = f"{tps:.1f}"
+                if base is not None and base.completed:
+                    b = base.summary()
+                    cell += f" ({tps / b['output_throughput']:.2f}x)"
+                    cell += f", {latency * 1000:.0f} ms ({b['e2e_latency_s']['mean'] / latency:.2f}x)"
+                else:
+                    cell += f", {latency * 1000:.0f} ms"
+                if run.drafted_per_output_token is not None:
+                    cell += f", {run.drafted_per_output_token:.2f} drafts/token"
+                cells.append(cell)
+            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def asdict_summary(result: ServeBenchResult) -> dict:
@@ -408,14 +519,26 @@ def add_serve_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--api-key", default=None)
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--dataset", default=None, help='JSONL of {"prompt": str, optional "output_len": int}')
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help='JSONL of {"prompt": str, optional "output_len": int}; "spec-bench": the prompts of bench spec',
+    )
     p.add_argument("--input-len", type=int, default=128, help="random prompts: words per prompt")
     p.add_argument("--range-ratio", type=float, default=0.0, help="random prompts: lengths vary by +-this")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
     p.add_argument(
         "--request-rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (default: at once)"
     )
-    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    p.add_argument(
+        "--max-concurrency", default=None, help="requests in flight at most; several (1,4,16): one run each"
+    )
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument(
+        "--speculative",
+        default=None,
+        help="Falconet: speculative methods, comma-separated, one run each ('none': plain decoding)",
+    )
     p.add_argument(
         "--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help="produce every output token"
     )

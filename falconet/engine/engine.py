@@ -7,6 +7,7 @@ step gets its next token sampled; one still mid-prefill just waits for its next 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from falconet.engine.request import Request, RequestStatus
 from falconet.engine.sampler import TokenLogprobs, make_generator, sample_batch, token_logprobs
 from falconet.engine.scheduler import ScheduledBatch, Scheduler
 from falconet.engine.speculator import Speculator
+from falconet.engine.step_cost import StepCostModel
 from falconet.engine.stop import StopChecker
 from falconet.errors import FalconetError
 from falconet.methods.speculative.verifier import verify
@@ -102,6 +104,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             self.eos_ids |= set(self.tokenizer.eos_token_ids)
         self.stats = EngineStats()
+        self.step_cost = StepCostModel()  # step seconds by rows, for load-aware speculation
         self.speculator = Speculator(self)
         self.scheduler.usable_prefix = self.speculator.usable_prefix
         # Called as tap(request, start, hidden_rows) with the final hidden states of the positions
@@ -161,6 +164,7 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        started = time.perf_counter()
         self.speculator.set_lookahead(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch:
@@ -175,6 +179,8 @@ class LLMEngine:
                 outputs.append(self._append_token(req, token))
         for req, draft, rows, tree in verifying:
             outputs.extend(self._accept_drafts(req, draft, logits[rows], tree))
+        # the whole step, drafting and sampling included: what a draft's rows are weighed against
+        self.step_cost.record(sum(batch.num_tokens), time.perf_counter() - started)
         return outputs
 
     def _accept_drafts(self, req: Request, draft, logits: torch.Tensor, tree) -> list[StepOutput]:
@@ -263,9 +269,8 @@ class LLMEngine:
             last_rows.extend(range(first, first + len(draft.tokens) + 1))
             verifying.append((req, draft, slice(offset, offset + len(draft.tokens) + 1), trees.get(i)))
             offset += len(draft.tokens) + 1
-        if not last_rows:
-            return None, [], []
-        return self.model.compute_logits(hidden[torch.tensor(last_rows)]), sampling, verifying
+        logits = self.model.compute_logits(hidden[torch.tensor(last_rows)]) if last_rows else None
+        return logits, sampling, verifying
 
     def _record_prompt_logprobs(self, req: Request, hidden: torch.Tensor) -> None:
         """Row i of this chunk predicts token start + i + 1: keep those that are prompt tokens

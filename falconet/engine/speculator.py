@@ -122,9 +122,17 @@ class Speculator:
                 draft.truncate(batch.num_tokens[i] - 1)
                 scratch -= self._fit_tree(batch.requests[i], draft, scratch)
                 batch.num_tokens[i] = 1 + len(draft.tokens)
-                if draft.tokens:
-                    drafts[i] = draft
-        return drafts
+                drafts[i] = draft
+        sampling = sum(
+            r.num_computed + n >= r.num_tokens for r, n in zip(batch.requests, batch.num_tokens, strict=True)
+        )
+        for name, rows in groups.items():  # load-aware methods cut drafts knowing the whole step
+            group = [drafts[i] for i in rows]
+            base_rows = sum(batch.num_tokens) - sum(len(d.tokens) for d in group)
+            self.proposer(name).select([batch.requests[i] for i in rows], group, base_rows, sampling)
+            for i, draft in zip(rows, group, strict=True):
+                batch.num_tokens[i] = 1 + len(draft.tokens)
+        return {i: d for i, d in drafts.items() if d.tokens}
 
     def _tree_cap(self, req, share: int) -> int:
         """The most nodes `req`'s tree may have so that, whatever its shape, its side branches fit

@@ -61,7 +61,9 @@ def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.layer_skip import LayerSkipProposer
     from falconet.methods.speculative.ngram import NgramProposer, NgramTreeProposer
     from falconet.methods.speculative.rsd import RecursiveSpeculativeProposer
+    from falconet.methods.speculative.smartspec import SmartSpecProposer
     from falconet.methods.speculative.spectr import SpecTrProposer
+    from falconet.methods.speculative.tetris import TetrisProposer
 
     for cls in (
         NgramProposer,
@@ -73,6 +75,8 @@ def _builtin_speculative(registry: Registry) -> None:
         SpecTrProposer,
         RecursiveSpeculativeProposer,
         DySpecProposer,
+        SmartSpecProposer,
+        TetrisProposer,
     ):
         registry._entries[cls.name] = cls
 

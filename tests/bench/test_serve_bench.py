@@ -10,7 +10,13 @@ import shutil
 
 import pytest
 
-from falconet.bench.serve import add_serve_bench_parser, format_table, random_requests, run_serve_bench
+from falconet.bench.serve import (
+    add_serve_bench_parser,
+    dataset_requests,
+    format_table,
+    random_requests,
+    run_serve_bench,
+)
 from falconet.errors import FalconetError
 
 pytest.importorskip("fastapi")
@@ -136,3 +142,59 @@ def test_random_prompts_are_reproducible():
     a = random_requests(5, 10, 3, 0.5, seed=1)
     assert a == random_requests(5, 10, 3, 0.5, seed=1) != random_requests(5, 10, 3, 0.5, seed=2)
     assert all(5 <= len(r.prompt.split()) <= 15 and r.output_len == 3 for r in a)
+
+
+def test_methods_and_concurrencies(server, capsys):
+    """--speculative runs every method (Falconet's request field) at every --max-concurrency;
+    the method table puts each beside plain decoding, with the drafts the server verified."""
+    from falconet.bench.serve import format_method_table
+
+    parser = argparse.ArgumentParser(prog="falconet")
+    bench = parser.add_subparsers(dest="command").add_parser("bench").add_subparsers(dest="bench")
+    add_serve_bench_parser(bench)
+    args = parser.parse_args(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            server.url,
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "6",
+            "--output-len",
+            "5",
+        ]
+        + ["--label", "tiny", "--max-concurrency", "1,4", "--speculative", "none,ngram"]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "max concurrency: 1" in out and "max concurrency: 4" in out
+    assert "| tiny none | 4 | 0 |" in out and "| tiny ngram | 4 | 0 |" in out
+    runs = run_serve_bench(
+        [server.url], num_prompts=3, input_len=6, output_len=6, speculative=["none", "ngram"]
+    )
+    plain, ngram = runs
+    assert plain.speculative is None and ngram.speculative == "ngram"
+    assert plain.drafted_per_output_token is None  # no speculative metrics without a method
+    assert all(r.speculative_metrics["method"] == "ngram" for r in ngram.requests)
+    table = format_method_table(runs)
+    assert f"| {server.url} | none | " in table and f"| {server.url} | ngram | " in table
+    assert "(1.00x)" in table and "drafts/token" in table
+    with pytest.raises(FalconetError, match="--max-concurrency takes integers"):
+        args = parser.parse_args(["bench", "serve", "--base-url", server.url, "--max-concurrency", "1,x"])
+        args.func(args)
+
+
+def test_unknown_method_fails_each_request(server):
+    (run,) = run_serve_bench([server.url], num_prompts=2, input_len=3, output_len=2, speculative=["nope"])
+    assert run.summary()["failed"] == 2 and "HTTP 400" in run.summary()["errors"][0]
+
+
+def test_spec_bench_prompts_cover_every_category():
+    from falconet.bench.spec import load_prompts
+
+    reqs = dataset_requests("spec-bench", 6, 32)
+    first_turns = {i["turns"][0]: i["category"] for i in load_prompts()}
+    assert len({first_turns[r.prompt] for r in reqs}) == 6  # one of each category first
+    assert len(dataset_requests("spec-bench", None, 32)) == len(first_turns)

@@ -27,6 +27,8 @@ METHODS = [
     "spectr",
     "rsd",
     "dyspec",
+    "smartspec",
+    "tetris",
 ]
 
 
@@ -122,7 +124,7 @@ def test_greedy_is_token_identical(tiny, drafts, method):
     assert outs == plain
     stats = engine.speculator.stats
     assert stats.num_steps > 0 and stats.num_drafted > 0
-    if method in ("ngram", "ngram-tree", "decoy-tree", "eagle", "eagle-tree"):
+    if method in ("ngram", "ngram-tree", "decoy-tree", "eagle", "eagle-tree", "smartspec"):
         assert stats.num_accepted > 0  # repeated phrases are found (ngram), the head learnt some
 
 
@@ -229,6 +231,8 @@ def _samples(loaded, draft, params, seed0: int, head=None) -> list[list[int]]:
     engine = LLMEngine(
         loaded, EngineConfig(max_num_seqs=8 if tree else 256, draft_model=draft, draft_head=head)
     )
+    if params.speculative == "smartspec":  # 256 requests at once: rows cheap enough that first
+        engine.step_cost.predict = lambda rows: 1.0 + 0.002 * rows  # drafts pay, later ones not
     reqs = [
         engine.add_request(prompt, SamplingParams(**{**params.__dict__, "seed": seed0 + i}))
         for i in range(SAMPLES)
@@ -274,7 +278,7 @@ MULTI_DRAFT_METHODS = ("spectr", "rsd", "dyspec")
 # drafts per step (a tree's: nodes); decoy-tree drafts trees of two branches or more
 DISTRIBUTION_METHODS = {
     "draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6, "eagle-tree": 6,
-    "spectr": 6, "rsd": 6, "dyspec": 6,
+    "spectr": 6, "rsd": 6, "dyspec": 6, "smartspec": 4, "tetris": 4,
 }  # fmt: skip
 
 
@@ -302,7 +306,7 @@ def _ratio_inverted(u, p, q):
     return u * p < q
 
 
-@pytest.mark.parametrize("method", ["draft-model", "decoy-tree", "spectr", "rsd"])
+@pytest.mark.parametrize("method", ["draft-model", "decoy-tree", "spectr", "rsd", "tetris"])
 @pytest.mark.parametrize("mutation", [_always, _ratio_inverted], ids=["accept-always", "q-over-p"])
 def test_the_distribution_test_catches_a_wrong_acceptance_rule(
     peaked, tiny_eagle_head_dir, monkeypatch, mutation, method
@@ -315,6 +319,87 @@ def test_the_distribution_test_catches_a_wrong_acceptance_rule(
     ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=str(tiny_eagle_head_dir))
     results = [_chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours]) for pos in POSITIONS]
     assert any(p_value <= 1e-3 or tv >= TV_BOUND for p_value, tv in results), results
+
+
+@pytest.mark.parametrize("slope, verified", [(1e-6, True), (10.0, False)], ids=["cheap-rows", "dear-rows"])
+def test_smartspec_verifies_drafts_only_where_they_pay(tiny, slope, verified):
+    """SmartSpec weighs drafts against the step time they add: with rows almost free every
+    request verifies drafts; with each row costing 10x a step's fixed part none does. The
+    output is plain decoding's either way."""
+    prompts = repetitive_prompts(8, seed=3)
+    plain, _ = generate(tiny, prompts, GREEDY, max_num_seqs=8)
+    engine = LLMEngine(tiny, EngineConfig(max_num_seqs=8))
+    engine.step_cost.predict = lambda rows: 1.0 + slope * rows
+    reqs = [engine.add_request(p, spec(GREEDY, "smartspec")) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_ids for r in reqs] == plain
+    drafted = engine.speculator.stats.num_drafted
+    assert drafted > 0 if verified else drafted == 0, drafted
+    if verified:
+        assert engine.speculator.stats.num_accepted > 0
+
+
+def test_tetris_spends_the_batch_budget_where_drafts_are_surest(peaked):
+    """Every step verifies at most half the batch's drafted tokens, and a request's share follows
+    its drafter's confidence (so shares differ between requests; the peaked draft is surer of
+    some tokens than of others)."""
+    target, draft = peaked
+    prompts = repetitive_prompts(6, seed=4)
+    engine = LLMEngine(target, EngineConfig(max_num_seqs=6, draft_model=draft))
+    reqs = [engine.add_request(p, spec(GREEDY, "tetris", k=4)) for p in prompts]
+    proposer = engine.speculator.proposer("tetris")
+    select, propose, shares = proposer.select, proposer.propose, []
+
+    def checked(requests, max_tokens):  # the draft model never resumes past what it computed
+        assert all(proposer._computed(r) <= r.num_tokens for r in requests)
+        return propose(requests, max_tokens)
+
+    def recording(requests, made, base_rows, base_tokens):
+        drafted = sum(len(d.tokens) for d in made)
+        select(requests, made, base_rows, base_tokens)
+        verified = [len(d.tokens) for d in made]
+        assert sum(verified) <= -(-drafted // 2)
+        shares.append(verified)
+
+    proposer.select, proposer.propose = recording, checked
+    while engine.has_unfinished():
+        engine.step()
+    assert any(len(set(v)) > 1 for v in shares), shares
+    plain, _ = generate(target, prompts, GREEDY, max_num_seqs=6)
+    assert [r.output_ids for r in reqs] == plain
+
+
+def test_tetris_cuts_to_the_budget_and_rewinds_the_draft_cache():
+    from types import SimpleNamespace
+
+    from falconet.methods.speculative.tetris import TetrisProposer
+
+    proposer = TetrisProposer.__new__(TetrisProposer)  # select needs no engine
+    proposer._budget = 3
+    reqs = [SimpleNamespace(request_id="a", num_tokens=10), SimpleNamespace(request_id="b", num_tokens=20)]
+    proposer._valid = {"a": (0, 13), "b": (0, 23)}  # each fed its known tokens and 3 of 4 drafts
+    made = [Draft([1, 2, 3, 4], confidence=[0.9] * 4), Draft([5, 6, 7, 8], confidence=[0.2, 0.9, 0.9, 0.9])]
+    proposer.select(reqs, made, 2, 2)
+    assert [d.tokens for d in made] == [[1, 2, 3], []]
+    # b's drafts are not verified: its draft model resumes from its known tokens
+    assert proposer._valid == {"a": (0, 13), "b": (0, 20)}
+
+
+def test_tetris_never_judges_a_sampled_draft_by_its_own_draw():
+    from falconet.methods.speculative.tetris import _survival
+
+    q = torch.tensor([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.4, 0.4, 0.2]])
+    sure, unsure = (
+        Draft([0, 0, 0], q, confidence=[0.5, 0.9, 0.4]),
+        Draft([2, 1, 2], q, confidence=[0.2, 0.05, 0.2]),
+    )
+    # token 0's value is the same whichever token was drawn; later ones see the draws before them
+    assert _survival(sure)[0] == _survival(unsure)[0] == pytest.approx(0.38)
+    assert _survival(sure)[1] == pytest.approx(min(0.38, 0.5 * 0.815))
+    assert _survival(unsure)[1] == pytest.approx(0.2 * 0.815)
+    greedy = Draft([0, 0], confidence=[0.5, 0.9])  # point masses: their own confidence counts
+    assert _survival(greedy) == pytest.approx([0.5, 0.45])
 
 
 def test_every_speculative_method_is_in_the_catalogue():

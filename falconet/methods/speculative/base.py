@@ -57,6 +57,8 @@ class Draft:
     parents: list[int] | None = None  # None: a chain, token j follows token j - 1
     scheme: str | None = None  # a sampled tree's: "without-replacement" or "iid"
     sequences: list[list[int]] | None = None  # "iid": the drafted sequences' node paths
+    # a model drafter's probability of each token it chose (its own guess of acceptance)
+    confidence: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.parents is not None:
@@ -84,6 +86,8 @@ class Draft:
         self.tokens = self.tokens[:n]
         if self.probs is not None:
             self.probs = self.probs[:n]
+        if self.confidence is not None:
+            self.confidence = self.confidence[:n]
         if self.parents is not None:
             self.parents = self.parents[:n]
             if self.parents == list(range(-1, n - 1)):
@@ -147,6 +151,15 @@ class Proposer(ABC):
 
         When this is called, each request's block table already covers its lookahead slots:
         a proposer may write KV entries past `num_computed` (they are rewritten by the target)."""
+
+    def select(  # noqa: B027 - optional hook
+        self, requests: list[Request], drafts: list[Draft], base_rows: int, base_tokens: int
+    ) -> None:
+        """A load-aware proposer cuts its drafts here (`Draft.truncate`), once the whole step is
+        drafted: `requests` are this method's drafting requests of the step; without these
+        drafts the step's forward has `base_rows` rows (other requests' tokens and drafts
+        included) and yields `base_tokens` tokens (one per request that samples);
+        `self.engine.step_cost` predicts a step's time from its rows."""
 
     def observe(self, request: Request, start: int, hidden: torch.Tensor) -> None:  # noqa: B027
         """With `uses_hidden_states`: the target's final hidden states (after its norm, the LM

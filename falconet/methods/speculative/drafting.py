@@ -12,7 +12,7 @@ from falconet.models.kv_cache import PagedKVCache, Segment
 
 def new_drafts(requests: list) -> list[Draft]:
     """Empty drafts; sampling requests collect the distribution of each draft token."""
-    return [Draft([], [] if not r.params.greedy else None) for r in requests]
+    return [Draft([], [] if not r.params.greedy else None, confidence=[]) for r in requests]
 
 
 def choose_tokens(
@@ -39,6 +39,8 @@ def choose_tokens(
                 token, q = int(vocab[token]), torch.zeros(full_size).index_copy_(0, vocab, q)
             draft.tokens.append(token)
             draft.probs.append(q)
+        if draft.confidence is not None:
+            draft.confidence.append(confidence[-1])
     return confidence
 
 

@@ -31,11 +31,13 @@ def _run(llm, prompts, method):
 
 # Mean accepted length (tokens per verifying forward) over the 4 prompts, measured when this
 # test was written: ngram 3.50, layer-skip 1.09, draft-model (the model itself, 4 drafts) 4.77
-# of at most 5. The floors sit below with a margin; a drafter proposing garbage falls to ~1.0.
-FLOORS = {"ngram": 2.5, "layer-skip": 1.03, "draft-model": 4.3}
+# of at most 5; smartspec 2.69 (the n-gram drafts cut where goodput says so: its cuts follow the
+# machine's measured step times, hence a wider margin). The floors sit below with a margin; a
+# drafter proposing garbage falls to ~1.0.
+FLOORS = {"ngram": 2.5, "layer-skip": 1.03, "draft-model": 4.3, "smartspec": 2.0}
 
 
-@pytest.mark.parametrize("method", ["ngram", "layer-skip", "draft-model"])
+@pytest.mark.parametrize("method", list(FLOORS))
 def test_greedy_identical_and_acceptance_holds(llm, prompts, method):
     plain = [o.token_ids for o in _run(llm, prompts, None)]
     outs = _run(llm, prompts, method)
