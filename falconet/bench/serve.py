@@ -341,6 +341,7 @@ def run_serve_bench(
     timeout_s: float = 600.0,
     temperature: float = 0.0,
     speculative: list[str] | None = None,
+    warmup: int = 0,
 ) -> list[ServeBenchResult]:
     """Run the same requests against each server in turn; with `speculative`, once per method
     named (Falconet's `speculative` request field; "none": plain decoding), labelled by it."""
@@ -362,6 +363,9 @@ def run_serve_bench(
     labels += [""] * (len(base_urls) - len(labels))
     runs = []
     for url, label in zip(base_urls, labels, strict=True):
+        if warmup > 0:  # a fresh server's first requests are slow (allocation, first calls): unmeasured
+            args = (endpoint, request_rate, max_concurrency, ignore_eos, api_key, seed, timeout_s, "", {})
+            asyncio.run(_run(url, requests[:warmup], model, *args))
         for method in speculative or [None]:
             extra: dict = {"temperature": temperature}
             name = label
@@ -442,6 +446,7 @@ def cmd_bench_serve(args) -> int:
             timeout_s=args.timeout,
             temperature=args.temperature,
             speculative=methods,
+            warmup=args.warmup,
         )
         print(format_table(runs, args.request_rate, concurrency), end="\n\n", flush=True)
         results.extend(runs)
@@ -534,6 +539,7 @@ def add_serve_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
         "--max-concurrency", default=None, help="requests in flight at most; several (1,4,16): one run each"
     )
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=0, help="requests sent to each server first, not measured")
     p.add_argument(
         "--speculative",
         default=None,

@@ -97,6 +97,9 @@ def run_spec_bench(llm, methods, items, temperature, max_tokens, run, num_tokens
     from falconet.sampling_params import SamplingParams
 
     result = RunResult(temperature, run)
+    # Methods that learn from earlier requests (a pool of their tokens) start each run afresh:
+    # the earlier runs' answers to these same prompts would be drafted whole.
+    llm.engine.speculator.forget()
     for i, item in enumerate(items):
         for method in [PLAIN, *methods]:
             params = SamplingParams(

@@ -179,8 +179,10 @@ class LLMEngine:
                 outputs.append(self._append_token(req, token))
         for req, draft, rows, tree in verifying:
             outputs.extend(self._accept_drafts(req, draft, logits[rows], tree))
-        # the whole step, drafting and sampling included: what a draft's rows are weighed against
-        self.step_cost.record(sum(batch.num_tokens), time.perf_counter() - started)
+        # Decode and verification steps only: prefill rows cost differently, and the decisions
+        # the fit serves are about draft rows.
+        if all(n == 1 or i in drafts for i, n in enumerate(batch.num_tokens)):
+            self.step_cost.record(sum(batch.num_tokens), self._forward_s, time.perf_counter() - started)
         return outputs
 
     def _accept_drafts(self, req: Request, draft, logits: torch.Tensor, tree) -> list[StepOutput]:
@@ -248,6 +250,7 @@ class LLMEngine:
                 last_rows.append(len(ids) - 1)
                 sampling.append(req)
         self.kv_cache.begin_step(segments)
+        started = time.perf_counter()
         hidden = self.forward(torch.tensor(ids), torch.tensor(positions), self.kv_cache)
         row, trees = 0, {}
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
@@ -270,6 +273,7 @@ class LLMEngine:
             verifying.append((req, draft, slice(offset, offset + len(draft.tokens) + 1), trees.get(i)))
             offset += len(draft.tokens) + 1
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows)]) if last_rows else None
+        self._forward_s = time.perf_counter() - started
         return logits, sampling, verifying
 
     def _record_prompt_logprobs(self, req: Request, hidden: torch.Tensor) -> None:

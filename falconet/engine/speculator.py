@@ -180,6 +180,11 @@ class Speculator:
         self.stats.record(len(draft.tokens), accepted, depth)
         self.proposer(req.params.speculative).on_verified(req)
 
+    def forget(self) -> None:
+        """Every method forgets what it learnt from earlier requests (Proposer.forget)."""
+        for proposer in self._proposers.values():
+            proposer.forget()
+
     def release(self, req) -> None:
         if req.params.speculative is not None and req.params.speculative in self._proposers:
             self._proposers[req.params.speculative].on_reset(req)

@@ -1,11 +1,12 @@
 """What an engine step costs, as the engine measures it: time = a + b * rows.
 
 Load-aware speculation (SmartSpec's goodput, TETRIS's budget) weighs the tokens a draft may
-bring against the time its extra rows add to the step. On a CPU a step's time grows close to
-linearly in its rows (measured forwards of the default model, 2 threads, bf16: 8.1 ms for 1 row,
-13.8 ms for 16, 27 ms for 60), so a line fitted to the engine's own recent steps predicts the next
-one. A whole step is timed, not just its forward: where the rest of a step is slow (a server's
-threads contending for the GIL), a draft's rows weigh less against it.
+bring against the time its extra rows add to the step. On a CPU a forward's time grows close to
+linearly in its rows (the default model, 2 threads, bf16: 8.1 ms for 1 row, 13.8 ms for 16, 27 ms
+for 60), so a line fitted to the engine's own recent forwards predicts the next one. The rest of
+a step (scheduling, drafting, sampling, detokenizing; in a server, waiting for the GIL) is added
+as its recent average: it grows with the tokens a step produces, not with the rows it verifies,
+so fitting it against rows would make every draft row look several times dearer than it is.
 The fit weighs recent steps more (load and context lengths drift); a weak prior keeps the slope
 sensible before the steps have varied in size.
 """
@@ -17,39 +18,45 @@ PRIOR_ROW_SHARE = 0.035
 
 
 class StepCostModel:
-    """Exponentially weighted least squares of step seconds on rows."""
+    """Exponentially weighted least squares of forward seconds on rows, plus the rest of a step.
 
-    def __init__(self, decay: float = 0.98, prior_weight: float = 0.5):
+    The prior is a penalty on the slope's distance from PRIOR_ROW_SHARE times the intercept,
+    relative, so it holds whatever the machine's speed (and an unusually slow first step, the
+    warm-up, cannot skew it)."""
+
+    def __init__(self, decay: float = 0.98, prior_weight: float = 8.0):
         self.decay, self.prior_weight = decay, prior_weight
         self._sums = [0.0] * 5  # of the steps: sum w, w*r, w*r^2, w*t, w*r*t
-        self._prior = [0.0] * 5  # two points on a line through the first step; never decays
         self.num_steps = 0
+        self.overhead = 0.0  # seconds of a step outside its forward, a moving average
 
-    def record(self, rows: int, seconds: float) -> None:
-        if self.num_steps == 0:
-            a = seconds / (1 + PRIOR_ROW_SHARE * rows)
-            for r in (1, 9):
-                self._add(self._prior, r, a * (1 + PRIOR_ROW_SHARE * r), self.prior_weight)
-        self._sums = [s * self.decay for s in self._sums]
-        self._add(self._sums, rows, seconds, 1.0)
+    def record(self, rows: int, seconds: float, step_seconds: float | None = None) -> None:
+        """A step of `rows` rows whose forward took `seconds` and the whole of it step_seconds."""
+        if step_seconds is not None:
+            rest = max(0.0, step_seconds - seconds)
+            self.overhead = rest if self.num_steps == 0 else self.overhead + 0.05 * (rest - self.overhead)
+        self._sums = [x * self.decay for x in self._sums]
+        for i, v in enumerate((1.0, rows, rows * rows, seconds, rows * seconds)):
+            self._sums[i] += v
         self.num_steps += 1
-
-    @staticmethod
-    def _add(sums: list[float], r: float, t: float, w: float) -> None:
-        for i, v in enumerate((w, w * r, w * r * r, w * t, w * r * t)):
-            sums[i] += v
 
     @property
     def line(self) -> tuple[float, float]:
-        """(a, b): seconds at zero rows and per row; (0, 0) before any step."""
-        w, wr, wr2, wt, wrt = (s + p for s, p in zip(self._sums, self._prior, strict=True))
+        """(a, b): forward seconds at zero rows and per row; (0, 0) before any step."""
+        w, wr, wr2, wt, wrt = self._sums
         if w == 0:
             return 0.0, 0.0
-        det = w * wr2 - wr * wr
-        b = (w * wrt - wr * wt) / det if det > 1e-12 else 0.0
-        b = max(b, 0.0)  # noise must not make rows look free of charge or negative
-        return (wt - b * wr) / w, b
+        # minimise sum w (t - a - b r)^2 + lam (b - s a)^2: the normal equations, 2 x 2
+        lam, s = self.prior_weight, PRIOR_ROW_SHARE
+        m11, m12, m22 = w + lam * s * s, wr - lam * s, wr2 + lam
+        det = m11 * m22 - m12 * m12
+        a = (wt * m22 - m12 * wrt) / det
+        b = (m11 * wrt - m12 * wt) / det
+        if b < 0:  # noise must not make rows look free of charge
+            a, b = wt / w, 0.0
+        return a, b
 
     def predict(self, rows: int) -> float:
+        """Seconds of a step with `rows` rows (0 before any step)."""
         a, b = self.line
-        return a + b * rows
+        return a + b * rows + self.overhead

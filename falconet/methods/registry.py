@@ -59,6 +59,7 @@ def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.dyspec import DySpecProposer
     from falconet.methods.speculative.eagle import EagleProposer, EagleTreeProposer
     from falconet.methods.speculative.layer_skip import LayerSkipProposer
+    from falconet.methods.speculative.lookahead import LookaheadProposer
     from falconet.methods.speculative.ngram import NgramProposer, NgramTreeProposer
     from falconet.methods.speculative.rsd import RecursiveSpeculativeProposer
     from falconet.methods.speculative.smartspec import SmartSpecProposer
@@ -77,6 +78,7 @@ def _builtin_speculative(registry: Registry) -> None:
         DySpecProposer,
         SmartSpecProposer,
         TetrisProposer,
+        LookaheadProposer,
     ):
         registry._entries[cls.name] = cls
 

@@ -165,7 +165,7 @@ def test_methods_and_concurrencies(server, capsys):
             "--output-len",
             "5",
         ]
-        + ["--label", "tiny", "--max-concurrency", "1,4", "--speculative", "none,ngram"]
+        + ["--label", "tiny", "--max-concurrency", "1,4", "--speculative", "none,ngram", "--warmup", "2"]
     )
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -29,6 +29,7 @@ METHODS = [
     "dyspec",
     "smartspec",
     "tetris",
+    "lookahead",
 ]
 
 
@@ -124,7 +125,7 @@ def test_greedy_is_token_identical(tiny, drafts, method):
     assert outs == plain
     stats = engine.speculator.stats
     assert stats.num_steps > 0 and stats.num_drafted > 0
-    if method in ("ngram", "ngram-tree", "decoy-tree", "eagle", "eagle-tree", "smartspec"):
+    if method in ("ngram", "ngram-tree", "decoy-tree", "eagle", "eagle-tree", "smartspec", "lookahead"):
         assert stats.num_accepted > 0  # repeated phrases are found (ngram), the head learnt some
 
 
@@ -279,6 +280,7 @@ MULTI_DRAFT_METHODS = ("spectr", "rsd", "dyspec")
 DISTRIBUTION_METHODS = {
     "draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6, "eagle-tree": 6,
     "spectr": 6, "rsd": 6, "dyspec": 6, "smartspec": 4, "tetris": 4,
+    "lookahead": 6,
 }  # fmt: skip
 
 
@@ -400,6 +402,26 @@ def test_tetris_never_judges_a_sampled_draft_by_its_own_draw():
     assert _survival(unsure)[1] == pytest.approx(0.2 * 0.815)
     greedy = Draft([0, 0], confidence=[0.5, 0.9])  # point masses: their own confidence counts
     assert _survival(greedy) == pytest.approx([0.5, 0.45])
+
+
+def test_lookahead_drafts_an_earlier_answer_whole(tiny):
+    """The pool outlives requests: asked again, the answer comes back in a few long steps; after
+    forget() the pool is empty again. Output is plain decoding's throughout."""
+    prompt = repetitive_prompts(1, seed=6)[0]
+    params = spec(SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), "lookahead")
+    (plain,), _ = generate(tiny, [prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    engine = LLMEngine(tiny, EngineConfig(max_num_seqs=2))
+    steps = []
+    for _ in range(3):
+        req = engine.add_request(prompt, params)
+        before = engine.stats.num_steps
+        while engine.has_unfinished():
+            engine.step()
+        assert req.output_ids == plain
+        steps.append(engine.stats.num_steps - before)
+        if len(steps) == 2:
+            engine.speculator.forget()
+    assert steps[1] <= 30 // 5 + 2 < steps[0] and steps[2] == steps[0], steps
 
 
 def test_every_speculative_method_is_in_the_catalogue():

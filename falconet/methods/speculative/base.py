@@ -178,6 +178,10 @@ class Proposer(ABC):
     def on_reset(self, request: Request) -> None:  # noqa: B027 - optional hook
         """The request's KV cache was freed (preempted, finished or aborted)."""
 
+    def forget(self) -> None:  # noqa: B027 - optional hook
+        """Drop what was learnt from earlier requests (a pool of their tokens, acceptance
+        rates), as if none had been served: benchmarks repeating the same prompts call this."""
+
 
 class ProposerError(RuntimeError):
     """A method cannot run here (a missing trained artifact, an incompatible model)."""

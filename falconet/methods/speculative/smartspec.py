@@ -49,6 +49,9 @@ class SmartSpecProposer(NgramProposer):
         for draft, n in zip(drafts, lengths, strict=True):
             draft.truncate(n)
 
+    def forget(self):
+        self.rates = AcceptanceRates()
+
     def on_reset(self, req):
         super().on_reset(req)
         self.rates.forget(req)
