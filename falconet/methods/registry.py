@@ -63,6 +63,7 @@ def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.ngram import NgramProposer, NgramTreeProposer
     from falconet.methods.speculative.rsd import RecursiveSpeculativeProposer
     from falconet.methods.speculative.smartspec import SmartSpecProposer
+    from falconet.methods.speculative.specdecpp import SpecDecPlusPlusProposer
     from falconet.methods.speculative.spectr import SpecTrProposer
     from falconet.methods.speculative.tetris import TetrisProposer
 
@@ -79,6 +80,7 @@ def _builtin_speculative(registry: Registry) -> None:
         SmartSpecProposer,
         TetrisProposer,
         LookaheadProposer,
+        SpecDecPlusPlusProposer,
     ):
         registry._entries[cls.name] = cls
 

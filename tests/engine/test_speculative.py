@@ -30,6 +30,7 @@ METHODS = [
     "smartspec",
     "tetris",
     "lookahead",
+    "specdecpp",
 ]
 
 
@@ -125,7 +126,16 @@ def test_greedy_is_token_identical(tiny, drafts, method):
     assert outs == plain
     stats = engine.speculator.stats
     assert stats.num_steps > 0 and stats.num_drafted > 0
-    if method in ("ngram", "ngram-tree", "decoy-tree", "eagle", "eagle-tree", "smartspec", "lookahead"):
+    if method in (
+        "ngram",
+        "ngram-tree",
+        "decoy-tree",
+        "eagle",
+        "eagle-tree",
+        "smartspec",
+        "lookahead",
+        "specdecpp",
+    ):
         assert stats.num_accepted > 0  # repeated phrases are found (ngram), the head learnt some
 
 
@@ -280,7 +290,7 @@ MULTI_DRAFT_METHODS = ("spectr", "rsd", "dyspec")
 DISTRIBUTION_METHODS = {
     "draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6, "eagle-tree": 6,
     "spectr": 6, "rsd": 6, "dyspec": 6, "smartspec": 4, "tetris": 4,
-    "lookahead": 6,
+    "lookahead": 6, "specdecpp": 3,
 }  # fmt: skip
 
 
@@ -422,6 +432,18 @@ def test_lookahead_drafts_an_earlier_answer_whole(tiny):
         if len(steps) == 2:
             engine.speculator.forget()
     assert steps[1] <= 30 // 5 + 2 < steps[0] and steps[2] == steps[0], steps
+
+
+def test_specdecpp_learns_from_verification(tiny, tiny_eagle_head_dir):
+    """The acceptance head is trained by the engine's verifications: its weights move from the
+    head's own confidence, and output stays plain decoding's."""
+    prompts = repetitive_prompts(6, seed=8)
+    plain, _ = generate(tiny, prompts, GREEDY, max_num_seqs=6)
+    outs, engine = generate(
+        tiny, prompts, spec(GREEDY, "specdecpp"), max_num_seqs=6, draft_head=str(tiny_eagle_head_dir)
+    )
+    assert outs == plain
+    assert engine.speculator.proposer("specdecpp").acceptance.weights != [0.0, 1.0, 0.0]
 
 
 def test_every_speculative_method_is_in_the_catalogue():

@@ -261,7 +261,8 @@ class EagleProposer(Proposer):
             confidence = choose_tokens(logits, reqs, [drafts[i] for i in active], vocab, full)
             keep = [
                 r for r, i in enumerate(active)
-                if len(drafts[i].tokens) < max_tokens[i] and confidence[r] >= self.min_confidence
+                if self.keeps_drafting(requests[i], drafts[i], confidence[r])
+                and len(drafts[i].tokens) < max_tokens[i]
             ]  # fmt: skip
             active = [active[r] for r in keep]
             if not active:
@@ -276,6 +277,11 @@ class EagleProposer(Proposer):
             out = head(torch.tensor(ids), feats, torch.tensor(positions), self.cache)
             logits = head.compute_logits(out)
         return self.widen(requests, max_tokens, finish_drafts(drafts), first_logits)
+
+    def keeps_drafting(self, request, draft: Draft, confidence: float) -> bool:
+        """Whether to draft another token after the one just drafted (given its head
+        probability `confidence`): only what the drafter knows may decide it."""
+        return confidence >= self.min_confidence
 
     def widen(self, requests, max_tokens, drafts, first_logits) -> list[Draft]:
         """Hook for tree variants: the chains drafted, and the head's logits at each drafting
