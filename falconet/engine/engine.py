@@ -202,7 +202,7 @@ class LLMEngine:
             for tap in self.hidden_taps:
                 tap(req, start, hidden[rows])
         self.block_manager.cache_full_blocks(req.block_table, req.all_ids + verdict.tokens, req.num_computed)
-        self.speculator.verified(req, draft, verdict.num_accepted)
+        self.speculator.verified(req, draft, verdict.num_accepted, logits)
         outputs = []
         for row, token in zip(rows, verdict.tokens, strict=True):
             info = None

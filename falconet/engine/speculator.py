@@ -97,7 +97,8 @@ class Speculator:
             room = limit - req.num_tokens
             if not self.proposer(req.params.speculative).drafts_trees:  # a tree's depth is less
                 room = min(room, req.params.max_tokens - len(req.output_ids) - 1)
-            req.num_lookahead = max(0, min(self.num_drafts(req), room))
+            wanted = self.proposer(req.params.speculative).lookahead(self.num_drafts(req))
+            req.num_lookahead = max(0, min(wanted, room))
 
     def propose(self, batch) -> dict[int, Draft]:
         """Drafts for the batch's decoding speculative requests (index in the batch -> Draft),
@@ -132,6 +133,8 @@ class Speculator:
             self.proposer(name).select([batch.requests[i] for i in rows], group, base_rows, sampling)
             for i, draft in zip(rows, group, strict=True):
                 batch.num_tokens[i] = 1 + len(draft.tokens)
+        for name, rows in groups.items():
+            self.proposer(name).launch([batch.requests[i] for i in rows], [drafts[i] for i in rows])
         return {i: d for i, d in drafts.items() if d.tokens}
 
     def _tree_cap(self, req, share: int) -> int:
@@ -172,13 +175,17 @@ class Speculator:
             if proposer.uses_hidden_states:
                 proposer.observe(req, start, hidden)
 
-    def verified(self, req, draft: Draft, accepted: int) -> None:
+    def verified(self, req, draft: Draft, accepted: int, logits=None) -> None:
+        """logits: the target's rows for the request's last known token and each draft."""
+        proposer = self.proposer(req.params.speculative)
+        if proposer.uses_target_predictions and logits is not None:
+            proposer.on_target_predictions(req, draft, accepted, logits.argmax(dim=-1).tolist())
         if req.spec_stats is None:
             req.spec_stats = SpecStats()
         depth = max(len(draft.path(j)) for j in range(len(draft.tokens))) if draft.is_tree else None
         req.spec_stats.record(len(draft.tokens), accepted, depth)
         self.stats.record(len(draft.tokens), accepted, depth)
-        self.proposer(req.params.speculative).on_verified(req)
+        proposer.on_verified(req)
 
     def forget(self) -> None:
         """Every method forgets what it learnt from earlier requests (Proposer.forget)."""

@@ -55,12 +55,15 @@ class Registry:
 
 
 def _builtin_speculative(registry: Registry) -> None:
+    from falconet.methods.speculative.disco import DiscoProposer
     from falconet.methods.speculative.draft_model import DraftModelProposer
     from falconet.methods.speculative.dyspec import DySpecProposer
     from falconet.methods.speculative.eagle import EagleProposer, EagleTreeProposer
     from falconet.methods.speculative.layer_skip import LayerSkipProposer
     from falconet.methods.speculative.lookahead import LookaheadProposer
     from falconet.methods.speculative.ngram import NgramProposer, NgramTreeProposer
+    from falconet.methods.speculative.ouroboros import OuroborosProposer
+    from falconet.methods.speculative.pearl import PearlProposer
     from falconet.methods.speculative.rsd import RecursiveSpeculativeProposer
     from falconet.methods.speculative.smartspec import SmartSpecProposer
     from falconet.methods.speculative.specdecpp import SpecDecPlusPlusProposer
@@ -81,6 +84,9 @@ def _builtin_speculative(registry: Registry) -> None:
         TetrisProposer,
         LookaheadProposer,
         SpecDecPlusPlusProposer,
+        PearlProposer,
+        DiscoProposer,
+        OuroborosProposer,
     ):
         registry._entries[cls.name] = cls
 

@@ -31,6 +31,9 @@ METHODS = [
     "tetris",
     "lookahead",
     "specdecpp",
+    "pearl",
+    "disco",
+    "ouroboros",
 ]
 
 
@@ -100,6 +103,13 @@ def drafts(draft_dir, tiny_eagle_head_dir) -> dict:
     return {"draft_model": str(draft_dir), "draft_head": str(tiny_eagle_head_dir)}
 
 
+@pytest.fixture
+def drafts_for(drafts, tiny_llama_dir):
+    """PEARL uses its drafts only when the draft model guessed the target's next token, which
+    a random draft never does: it drafts with the target itself (every draft then kept, greedy)."""
+    return lambda method: {**drafts, "draft_model": str(tiny_llama_dir)} if method == "pearl" else drafts
+
+
 def generate(loaded, prompts, params, **options) -> tuple[list[list[int]], LLMEngine]:
     engine = LLMEngine(loaded, EngineConfig(**options))
     reqs = [engine.add_request(p, params) for p in prompts]
@@ -119,10 +129,10 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
 @pytest.mark.parametrize("method", [*METHODS, "decoy-tree"])
-def test_greedy_is_token_identical(tiny, drafts, method):
+def test_greedy_is_token_identical(tiny, drafts_for, method):
     prompts = repetitive_prompts(8, seed=1)
     plain, _ = generate(tiny, prompts, GREEDY, max_num_seqs=8)
-    outs, engine = generate(tiny, prompts, spec(GREEDY, method, k=3), max_num_seqs=8, **drafts)
+    outs, engine = generate(tiny, prompts, spec(GREEDY, method, k=3), max_num_seqs=8, **drafts_for(method))
     assert outs == plain
     stats = engine.speculator.stats
     assert stats.num_steps > 0 and stats.num_drafted > 0
@@ -135,12 +145,13 @@ def test_greedy_is_token_identical(tiny, drafts, method):
         "smartspec",
         "lookahead",
         "specdecpp",
+        "pearl",
     ):
         assert stats.num_accepted > 0  # repeated phrases are found (ngram), the head learnt some
 
 
 @pytest.mark.parametrize("method", [*METHODS, "decoy-tree"])
-def test_mixed_batch_chunking_and_preemption(tiny, drafts, method):
+def test_mixed_batch_chunking_and_preemption(tiny, drafts_for, method):
     """Speculative and plain requests share steps under a small token budget and a KV cache
     so small that requests are preempted: every output still equals plain decoding alone."""
     prompts = repetitive_prompts(8, seed=2)
@@ -148,7 +159,9 @@ def test_mixed_batch_chunking_and_preemption(tiny, drafts, method):
     alone = [generate(tiny, [p], GREEDY, enable_prefix_caching=False)[0][0] for p in prompts]
     engine = LLMEngine(
         tiny,
-        EngineConfig(max_num_seqs=8, max_num_batched_tokens=24, block_size=4, num_kv_blocks=40, **drafts),
+        EngineConfig(
+            max_num_seqs=8, max_num_batched_tokens=24, block_size=4, num_kv_blocks=40, **drafts_for(method)
+        ),
     )
     reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
     while engine.has_unfinished():
@@ -290,8 +303,16 @@ MULTI_DRAFT_METHODS = ("spectr", "rsd", "dyspec")
 DISTRIBUTION_METHODS = {
     "draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6, "eagle-tree": 6,
     "spectr": 6, "rsd": 6, "dyspec": 6, "smartspec": 4, "tetris": 4,
-    "lookahead": 6, "specdecpp": 3,
+    "lookahead": 6, "specdecpp": 3, "pearl": 3, "disco": 3,
+    "ouroboros": 4,
 }  # fmt: skip
+
+
+def _pearl_setting(target, params):
+    """PEARL drafts with the target itself (see drafts_for; sampled, its argmax drafts are
+    often rejected), and its first drafts come a step later than other methods': output
+    position 2 is verified only if a 4th token follows (positions 1-2 are unaffected by it)."""
+    return target.model, SamplingParams(**{**params.__dict__, "max_tokens": 4})
 
 
 @pytest.mark.parametrize("method", list(DISTRIBUTION_METHODS))
@@ -304,6 +325,8 @@ def test_sampling_matches_plain_sampling(peaked, tiny_eagle_head_dir, method, pa
     target, draft = peaked
     plain = _samples(target, draft, params, seed0=0)
     k = DISTRIBUTION_METHODS[method]
+    if method == "pearl":
+        draft, params = _pearl_setting(target, params)
     ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=str(tiny_eagle_head_dir))
     for pos in POSITIONS:
         p_value, tv = _chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours])
@@ -318,7 +341,7 @@ def _ratio_inverted(u, p, q):
     return u * p < q
 
 
-@pytest.mark.parametrize("method", ["draft-model", "decoy-tree", "spectr", "rsd", "tetris"])
+@pytest.mark.parametrize("method", ["draft-model", "decoy-tree", "spectr", "rsd", "tetris", "pearl"])
 @pytest.mark.parametrize("mutation", [_always, _ratio_inverted], ids=["accept-always", "q-over-p"])
 def test_the_distribution_test_catches_a_wrong_acceptance_rule(
     peaked, tiny_eagle_head_dir, monkeypatch, mutation, method
@@ -328,6 +351,8 @@ def test_the_distribution_test_catches_a_wrong_acceptance_rule(
     plain = _samples(target, draft, params, seed0=0)
     monkeypatch.setattr(verifier, "accept", mutation)
     k = DISTRIBUTION_METHODS[method]
+    if method == "pearl":
+        draft, params = _pearl_setting(target, params)
     ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=str(tiny_eagle_head_dir))
     results = [_chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours]) for pos in POSITIONS]
     assert any(p_value <= 1e-3 or tv >= TV_BOUND for p_value, tv in results), results

@@ -141,6 +141,9 @@ class Proposer(ABC):
     # True: drafts sampled trees for sampled requests (Draft.scheme), which may not be cut to fit
     # the step's scratch blocks afterwards: the engine sizes their budgets before drafting
     samples_trees: ClassVar[bool] = False
+    # True: the engine passes the target's most likely token at every verified row to
+    # `on_target_predictions` (a drafter that learns from verification results)
+    uses_target_predictions: ClassVar[bool] = False
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -161,6 +164,15 @@ class Proposer(ABC):
         included) and yields `base_tokens` tokens (one per request that samples);
         `self.engine.step_cost` predicts a step's time from its rows."""
 
+    def launch(self, requests: list[Request], drafts: list[Draft]) -> None:  # noqa: B027
+        """Called once the step's drafts are final, just before the target's forward: a proposer
+        that drafts while the target computes (PEARL) starts its work here."""
+
+    def lookahead(self, num_drafts: int) -> int:
+        """KV slots a request reserves beyond its last token, for up to `num_drafts` drafts a
+        step (a proposer that drafts further ahead than it verifies asks for more)."""
+        return num_drafts
+
     def observe(self, request: Request, start: int, hidden: torch.Tensor) -> None:  # noqa: B027
         """With `uses_hidden_states`: the target's final hidden states (after its norm, the LM
         head's input) for positions [start, start + len(hidden)) of `request`, computed this
@@ -171,6 +183,13 @@ class Proposer(ABC):
         new request) this proposer holds state for. The target recomputes the rest, so the
         proposer sees their hidden states."""
         return len(blocks)
+
+    def on_target_predictions(  # noqa: B027 - optional hook
+        self, request: Request, draft: Draft, accepted: int, predicted: list[int]
+    ) -> None:
+        """With `uses_target_predictions`: predicted[j] is the target's argmax after the request's
+        known tokens (`all_ids`, not yet extended by this step's tokens) and drafts 0..j-1,
+        rows past the first rejection included; `accepted` drafts were kept."""
 
     def on_verified(self, request: Request) -> None:  # noqa: B027 - optional hook
         """The target accepted some drafts; `request.num_computed` is the new valid length."""

@@ -63,12 +63,15 @@ class DraftModelProposer(Proposer):
 
     def propose(self, requests, max_tokens):
         computed = [self._computed(r) for r in requests]
-        drafts = draft_autoregressively(self.model, self.cache, requests, computed, max_tokens)
+        drafts = self._draft(requests, computed, max_tokens)
         for req, draft in zip(requests, drafts, strict=True):
             # It fed the known tokens and every draft but the last.
             fed = req.num_tokens + max(len(draft.tokens) - 1, 0)
             self._valid[req.request_id] = (req.num_preemptions, fed)
         return drafts
+
+    def _draft(self, requests, computed: list[int], max_tokens: list[int]):
+        return draft_autoregressively(self.model, self.cache, requests, computed, max_tokens)
 
     def on_verified(self, req) -> None:
         epoch, fed = self._valid.get(req.request_id, (req.num_preemptions, 0))

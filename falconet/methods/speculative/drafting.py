@@ -59,12 +59,17 @@ def draft_autoregressively(
     computed: list[int],
     max_tokens: list[int],
     num_layers: int | None = None,
+    keep_going=None,
+    continues=None,
 ) -> list[Draft]:
     """Draft max_tokens[i] tokens for requests[i] with `model` (its first `num_layers` layers).
 
     computed[i]: positions of requests[i] whose KV the drafting model already has in `cache`
     (through the request's block table). The first forward catches up from there to the last
-    known token; each later one feeds the previous draft.
+    known token; each later one feeds the previous draft. keep_going: asked before each later
+    forward; False stops every draft where it is (a drafter with a time limit). continues(i,
+    logits): asked after each token drafted for requests[i], with the logits it was chosen from;
+    False ends that request's draft (a learnt stopping rule).
     """
     # A draft with a reduced head (falconet distill-draft) scores only these token ids.
     vocab = getattr(model, "draft_vocab", None)
@@ -89,5 +94,11 @@ def draft_autoregressively(
         reqs = [requests[i] for i in active]
         choose_tokens(logits, reqs, [drafts[i] for i in active], vocab, model.config.vocab_size)
         step += 1
-        active = [i for i in active if len(drafts[i].tokens) < max_tokens[i]]
+        active = [
+            i
+            for row, i in enumerate(active)
+            if (continues is None or continues(i, logits[row])) and len(drafts[i].tokens) < max_tokens[i]
+        ]
+        if keep_going is not None and active and not keep_going():
+            break
     return finish_drafts(drafts)

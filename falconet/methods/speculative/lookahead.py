@@ -88,6 +88,19 @@ class TokenTrie:
                 heapq.heappush(heap, (-child.count, depth - 1, -child.last, t, child, here))
         return tokens, parents
 
+    def best_path(self, ids: list[int], limit: int) -> list[int]:
+        """The most frequent continuation (a chain of up to `limit` tokens) of the longest
+        context of `ids`' last tokens that the pool knows."""
+        for n in range(min(self.max_n, len(ids)), self.min_n - 1, -1):
+            node = self._roots.get(tuple(ids[-n:]))
+            if node is not None and node.children:
+                path = []
+                while node.children and len(path) < limit:
+                    token, node = max(node.children.items(), key=lambda kv: (kv[1].count, kv[1].last))
+                    path.append(token)
+                return path
+        return []
+
 
 class LookaheadProposer(Proposer):
     """Drafts the most frequent continuations in a trie of all prompts and answers (Lookahead)."""

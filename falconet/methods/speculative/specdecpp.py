@@ -25,8 +25,9 @@ from falconet.methods.speculative.eagle import EagleProposer
 class AcceptanceHead:
     """P(a draft token is accepted | the drafts before it were), logistic in its features."""
 
-    def __init__(self, lr: float = 0.05):
-        self.weights = [0.0, 1.0, 0.0]  # bias, logit(confidence), position: starts at the confidence
+    def __init__(self, lr: float = 0.05, weights: list[float] | None = None):
+        # bias, logit(confidence), position: starts as the confidence itself
+        self.weights = list(weights) if weights is not None else [0.0, 1.0, 0.0]
         self.lr = lr
 
     @staticmethod
