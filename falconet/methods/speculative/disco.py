@@ -70,9 +70,8 @@ class DiscoProposer(DraftModelProposer):
     def on_verified(self, req):
         super().on_verified(req)
         start, feats = self._drafted.pop(req.request_id, (0, []))
-        accepted = req.num_computed - start  # drafts kept (the known token is computed too)
-        for j, f in enumerate(feats[: accepted + 1]):
-            self.classifier.learn(f, j < accepted)
+        # drafts kept: the target computed the known token and them
+        self.classifier.learn_verified(feats, req.num_computed - start)
 
     def on_reset(self, req):
         super().on_reset(req)

@@ -39,6 +39,12 @@ class AcceptanceHead:
         z = sum(w * f for w, f in zip(self.weights, features, strict=True))
         return 1 / (1 + math.exp(-max(min(z, 30.0), -30.0)))
 
+    def learn_verified(self, features: list[list[float]], accepted: int) -> None:
+        """Learn from one verified draft: `features` of each drafted token, `accepted` of them
+        kept. Tokens up to the first rejection are examples; those after it were never judged."""
+        for j, f in enumerate(features[: accepted + 1]):
+            self.learn(f, j < accepted)
+
     def learn(self, features: list[float], accepted: bool) -> None:
         """One step of stochastic gradient descent on the log loss."""
         g = float(accepted) - self.predict(features)
@@ -75,9 +81,8 @@ class SpecDecPlusPlusProposer(EagleProposer):
     def on_verified(self, req):
         super().on_verified(req)
         start, feats, _ = self._drafted.pop(req.request_id, (0, [], 1.0))
-        accepted = req.num_computed - start  # drafts kept (the known token is computed too)
-        for j, f in enumerate(feats[: accepted + 1]):
-            self.acceptance.learn(f, j < accepted)
+        # drafts kept: the target computed the known token and them
+        self.acceptance.learn_verified(feats, req.num_computed - start)
 
     def on_reset(self, req):
         super().on_reset(req)
