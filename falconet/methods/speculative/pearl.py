@@ -157,9 +157,15 @@ class PearlProposer(DraftModelProposer):
         if self._pending is None:
             return
         self._stop.set()
-        results, self._pending = self._pending.result(), None
-        if self._on_cpu:
-            torch.set_num_threads(self._threads)
+        pending, self._pending = self._pending, None
+        try:
+            results = pending.result()  # a failure in the worker surfaces in the engine's step
+        except BaseException:
+            self._held.clear()  # what it wrote is unknown: every request catches up from scratch
+            raise
+        finally:
+            if self._on_cpu:
+                torch.set_num_threads(self._threads)
         for job, ahead in results:
             # It fed the step text and every draft token but the last.
             self._held[job.request_id] = (job.epoch, job.all_ids + ahead[:-1], job.start)

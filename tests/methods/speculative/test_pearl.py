@@ -61,3 +61,22 @@ def test_refeeds_the_last_token_when_the_cache_already_holds_it(prefilled):
     job, again = pearl._ahead[req.request_id]
     n = min(len(again), len(ahead) - 1)
     assert job.computed == len(req.all_ids) - 1 and again[:n] == ahead[1 : 1 + n]
+
+
+def test_a_failing_worker_fails_the_step_and_leaves_the_engine_as_it_was(prefilled, monkeypatch):
+    engine, pearl, req = prefilled
+    threads = torch.get_num_threads()
+    pearl.launch([req], [Draft([])])
+    pearl._collect()
+    assert pearl._held
+
+    def broken(jobs):
+        raise RuntimeError("draft failed")
+
+    monkeypatch.setattr(pearl, "_draft_ahead", broken)
+    pearl.launch([req], [Draft([])])
+    with pytest.raises(RuntimeError, match="draft failed"):
+        pearl._collect()
+    assert torch.get_num_threads() == threads and pearl._pending is None
+    assert not pearl._held  # what the worker wrote is unknown: caught up from scratch next time
+    pearl._collect()  # nothing pending any more
