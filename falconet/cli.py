@@ -38,7 +38,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="drafts per step")
     p.add_argument("--draft-model", default=None, help="draft model for --speculative draft-model")
     p.add_argument(
-        "--draft-head", default=None, help="EAGLE head for --speculative eagle (falconet train-head)"
+        "--draft-head",
+        default=None,
+        help="EAGLE head (falconet train-head) or PPD prompt tokens (falconet train-prompts)",
     )
 
 
@@ -141,6 +143,27 @@ def cmd_train_head(args) -> int:
         log=functools.partial(print, flush=True),
     )  # fmt: skip
     print(f"use it with: --speculative eagle --draft-head {output}")
+    return 0
+
+
+def cmd_train_prompts(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from falconet.models.catalog import resolve
+    from falconet.train.train_prompts import default_prompts_path, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = Path(args.output) if args.output else default_prompts_path(resolve(args.model))
+    train(
+        args.model, output, num_prompt_tokens=args.num_prompt_tokens, num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size,
+        num_anchors=args.num_anchors, lr=args.lr, data=Path(args.data) if args.data else None,
+        log=functools.partial(print, flush=True),
+    )  # fmt: skip
+    print(f"use it with: --speculative ppd --draft-head {output}")
     return 0
 
 
@@ -318,6 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_train_head)
 
+    p = sub.add_parser("train-prompts", help="train Parallel Prompt Decoding's prompt tokens for a model")
+    p.add_argument("--model", "-m", default=None, help="the target (default: smollm2-135m)")
+    p.add_argument("--output", "-o", default=None, help="folder to write (default: under $FALCONET_HOME)")
+    p.add_argument("--num-prompt-tokens", type=int, default=3, help="tokens guessed ahead (m)")
+    p.add_argument("--num-prompts", type=int, default=1024, help="synthetic instructions the target answers")
+    p.add_argument("--max-tokens", type=int, default=128, help="answer length")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-anchors", type=int, default=32, help="prompt groups per sequence and step")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--data", default=None, help="file keeping the collected answers (reused)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_train_prompts)
+
     p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -345,7 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--draft-model", default=None, help="draft model for requests with speculative=draft-model"
     )
-    p.add_argument("--draft-head", default=None, help="EAGLE head for requests with speculative=eagle")
+    p.add_argument(
+        "--draft-head",
+        default=None,
+        help="EAGLE head or PPD prompt tokens, for requests with speculative=eagle or ppd",
+    )
     p.add_argument(
         "--shutdown-timeout", type=float, default=5.0, help="seconds in-flight requests get on SIGINT/SIGTERM"
     )

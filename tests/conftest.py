@@ -91,3 +91,36 @@ def tiny_eagle_head_dir(tiny_llama_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-eagle")
     save_head(head, path, {"note": "test"})
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ppd_dir(tiny_llama_dir, tmp_path_factory):
+    """Parallel Prompt Decoding's prompt tokens for the tiny Llama, briefly trained on its greedy
+    answers to random prompts (some guesses kept, most rejected)."""
+    import random
+
+    import torch
+
+    from falconet.engine.engine import EngineConfig, LLMEngine
+    from falconet.models.loader import load_model
+    from falconet.sampling_params import SamplingParams
+    from falconet.train.distill_draft import Example
+    from falconet.train.train_prompts import save_prompts, train_prompt_tokens
+
+    loaded = load_model(tiny_llama_dir, with_tokenizer=False)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(97) for _ in range(rng.randint(4, 12))] for _ in range(32)]
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=32))
+    reqs = [
+        engine.add_request(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)) for p in prompts
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    examples = [Example(r.all_ids, len(p)) for p, r in zip(prompts, reqs, strict=True)]
+    target = load_model(tiny_llama_dir, dtype=torch.float32, with_tokenizer=False).model
+    embeddings, _ = train_prompt_tokens(
+        target, examples, 3, steps=40, batch_size=8, num_anchors=8, lr=3e-2, log=None
+    )
+    path = tmp_path_factory.mktemp("tiny-ppd")
+    save_prompts(path, embeddings, target.config, {"note": "test"})
+    return path

@@ -255,7 +255,11 @@ def add_spec_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", default="ngram,layer-skip", help="comma-separated speculative methods")
     p.add_argument("--draft-model", default=None, help="draft model for the draft-model method")
-    p.add_argument("--draft-head", default=None, help="EAGLE head for the eagle method (falconet train-head)")
+    p.add_argument(
+        "--draft-head",
+        default=None,
+        help="EAGLE head (falconet train-head) or PPD prompt tokens (train-prompts)",
+    )
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: each method's own")
     p.add_argument("--temperatures", default="0,1", help="comma-separated; 0 is greedy")
     p.add_argument("--runs", type=int, default=3)

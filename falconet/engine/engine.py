@@ -25,6 +25,7 @@ from falconet.methods.speculative.verifier import verify
 from falconet.models.compiled import CompiledDecode
 from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import LoadedModel
+from falconet.models.tree_attention import depths
 from falconet.sampling_params import SamplingParams
 
 # KV blocks beside the block manager's for the side branches of token trees (within one step).
@@ -42,7 +43,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     draft_model: str | None = None  # for speculative="draft-model": a model sharing the tokenizer
-    draft_head: str | None = None  # for speculative="eagle": a head made by `falconet train-head`
+    # for speculative="eagle": a head made by `falconet train-head`; for "ppd": prompt tokens made by
+    # `falconet train-prompts` (each method also looks under $FALCONET_HOME; ppd ignores an EAGLE head)
+    draft_head: str | None = None
     compile: bool = False  # decode-only steps through torch.compile (models/compiled.py)
 
     def __post_init__(self) -> None:
@@ -177,22 +180,26 @@ class LLMEngine:
             for i, (req, token) in enumerate(zip(sampling, result.token_ids, strict=True)):
                 self._record_logprob(req, logits[i], token, result.logprobs[i])
                 outputs.append(self._append_token(req, token))
-        for req, draft, rows, tree in verifying:
-            outputs.extend(self._accept_drafts(req, draft, logits[rows], tree))
+        for req, draft, rows, extra, tree in verifying:
+            outputs.extend(self._accept_drafts(req, draft, logits[rows], tree, logits[extra]))
         # Decode and verification steps only: prefill rows cost differently, and the decisions
         # the fit serves are about draft rows.
         if all(n == 1 or i in drafts for i, n in enumerate(batch.num_tokens)):
             self.step_cost.record(sum(batch.num_tokens), self._forward_s, time.perf_counter() - started)
         return outputs
 
-    def _accept_drafts(self, req: Request, draft, logits: torch.Tensor, tree) -> list[StepOutput]:
+    def _accept_drafts(
+        self, req: Request, draft, logits: torch.Tensor, tree, extra_logits
+    ) -> list[StepOutput]:
         """Verify a request's drafts (logits: its last token's row, then one per draft), roll
         its KV back to the accepted prefix and append the kept tokens.
 
         tree: for a token tree, (its segment in the step, its hidden rows): the accepted path's
-        KV entries move into place and the hidden-state taps see that path only."""
+        KV entries move into place and the hidden-state taps see that path only. extra_logits:
+        the rows of the draft's extra rows (Draft.extra_parents), for its proposer."""
         verdict = verify(logits, draft, req)
-        req.num_computed -= len(draft.tokens) - verdict.num_accepted  # roll back the rejected drafts
+        # roll back the rejected drafts and the extra rows
+        req.num_computed -= len(draft.tokens) + draft.num_extra - verdict.num_accepted
         path = verdict.path if verdict.path is not None else list(range(verdict.num_accepted))
         rows = [0] + [j + 1 for j in path]  # the logits row each kept token was chosen at
         if tree is not None:
@@ -202,7 +209,10 @@ class LLMEngine:
             for tap in self.hidden_taps:
                 tap(req, start, hidden[rows])
         self.block_manager.cache_full_blocks(req.block_table, req.all_ids + verdict.tokens, req.num_computed)
-        self.speculator.verified(req, draft, verdict.num_accepted, logits)
+        end = path[-1] if path else -1
+        self.speculator.verified(
+            req, draft, verdict.num_accepted, logits, end, extra_logits if draft.num_extra else None
+        )
         outputs = []
         for row, token in zip(rows, verdict.tokens, strict=True):
             info = None
@@ -227,8 +237,10 @@ class LLMEngine:
     def _run_model(self, batch: ScheduledBatch, drafts: dict) -> tuple[torch.Tensor | None, list, list]:
         """One forward over the batch. Logits: first one row per request that samples its next
         token this step, then, per request verifying drafts, its last token's row and one per
-        draft (`verifying` lists (request, draft, rows, tree info or None))."""
+        draft, then one per extra row (`verifying` lists (request, draft, verified rows, extra
+        rows, tree info or None))."""
         ids, positions, segments, last_rows, sampling, spec = [], [], [], [], [], []
+        embed_rows, embeds = [], []  # rows fed vectors (Draft.extra_embeds)
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             start = req.num_computed
             draft = drafts.get(i)
@@ -237,12 +249,16 @@ class LLMEngine:
                 ids.extend(req.all_ids[start : start + n])
                 positions.extend(range(start, start + n))
             else:
-                ids.extend(req.all_ids[start:] + draft.tokens)
-                if draft.is_tree:
-                    tree = (-1, *(p + 1 for p in draft.parents))
-                    positions.extend(start + len(draft.path(j)) for j in range(-1, len(draft.tokens)))
+                ids.extend(req.all_ids[start:] + draft.tokens + [0] * draft.num_extra)
+                parents = draft.segment_parents()
+                if parents is not None:
+                    tree = (-1, *(p + 1 for p in parents))
+                    positions.extend([start] + [start + d for d in depths(parents)])
                 else:
                     positions.extend(range(start, start + n))
+                if draft.num_extra:
+                    embed_rows.extend(range(len(ids) - draft.num_extra, len(ids)))
+                    embeds.append(draft.extra_embeds)
             segments.append(Segment(req.block_table, start, n, as_decodes=draft is not None, tree=tree))
             if draft is not None:
                 spec.append((req, draft, len(ids) - n, i))
@@ -251,7 +267,8 @@ class LLMEngine:
                 sampling.append(req)
         self.kv_cache.begin_step(segments)
         started = time.perf_counter()
-        hidden = self.forward(torch.tensor(ids), torch.tensor(positions), self.kv_cache)
+        extra = {"embeds": (torch.tensor(embed_rows), torch.cat(embeds))} if embeds else {}
+        hidden = self.forward(torch.tensor(ids), torch.tensor(positions), self.kv_cache, **extra)
         row, trees = 0, {}
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             if req.params.prompt_logprobs is not None:
@@ -269,9 +286,11 @@ class LLMEngine:
         self.stats.num_computed_tokens += len(ids)
         verifying, offset = [], len(last_rows)
         for req, draft, first, i in spec:
-            last_rows.extend(range(first, first + len(draft.tokens) + 1))
-            verifying.append((req, draft, slice(offset, offset + len(draft.tokens) + 1), trees.get(i)))
-            offset += len(draft.tokens) + 1
+            rows = len(draft.tokens) + 1 + draft.num_extra
+            last_rows.extend(range(first, first + rows))
+            verify_rows = slice(offset, offset + len(draft.tokens) + 1)
+            verifying.append((req, draft, verify_rows, slice(verify_rows.stop, offset + rows), trees.get(i)))
+            offset += rows
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows)]) if last_rows else None
         self._forward_s = time.perf_counter() - started
         return logits, sampling, verifying

@@ -122,7 +122,7 @@ class Speculator:
             for i, draft in zip(rows, made, strict=True):
                 draft.truncate(batch.num_tokens[i] - 1)
                 scratch -= self._fit_tree(batch.requests[i], draft, scratch)
-                batch.num_tokens[i] = 1 + len(draft.tokens)
+                batch.num_tokens[i] = 1 + len(draft.tokens) + draft.num_extra
                 drafts[i] = draft
         sampling = sum(
             r.num_computed + n >= r.num_tokens for r, n in zip(batch.requests, batch.num_tokens, strict=True)
@@ -132,10 +132,10 @@ class Speculator:
             base_rows = sum(batch.num_tokens) - sum(len(d.tokens) for d in group)
             self.proposer(name).select([batch.requests[i] for i in rows], group, base_rows, sampling)
             for i, draft in zip(rows, group, strict=True):
-                batch.num_tokens[i] = 1 + len(draft.tokens)
+                batch.num_tokens[i] = 1 + len(draft.tokens) + draft.num_extra
         for name, rows in groups.items():
             self.proposer(name).launch([batch.requests[i] for i in rows], [drafts[i] for i in rows])
-        return {i: d for i, d in drafts.items() if d.tokens}
+        return {i: d for i, d in drafts.items() if d.tokens or d.num_extra}
 
     def _tree_cap(self, req, share: int) -> int:
         """The most nodes `req`'s tree may have so that, whatever its shape, its side branches fit
@@ -151,13 +151,15 @@ class Speculator:
         return n
 
     def _fit_tree(self, req, draft: Draft, scratch: int) -> int:
-        """Trim a token tree to the scratch blocks left this step; returns the blocks it takes."""
-        if not draft.is_tree:
-            return 0
+        """Trim a token tree to the scratch blocks left this step (extra rows go first); returns
+        the blocks it takes."""
         need = self.engine.kv_cache.scratch_blocks_needed
+        if draft.num_extra and need(req.num_computed, draft.segment_parents()) > scratch:
+            draft.drop_extra()
         while draft.is_tree and need(req.num_computed, draft.parents) > scratch:
             draft.truncate(len(draft.tokens) - 1)
-        return need(req.num_computed, draft.parents) if draft.is_tree else 0
+        parents = draft.segment_parents()
+        return need(req.num_computed, parents) if parents is not None else 0
 
     def usable_prefix(self, req, blocks: list[int]) -> int:
         """How many of a request's prefix-cache hits it may use: all, unless its proposer keeps
@@ -175,9 +177,14 @@ class Speculator:
             if proposer.uses_hidden_states:
                 proposer.observe(req, start, hidden)
 
-    def verified(self, req, draft: Draft, accepted: int, logits=None) -> None:
-        """logits: the target's rows for the request's last known token and each draft."""
+    def verified(
+        self, req, draft: Draft, accepted: int, logits=None, end: int = -1, extra_logits=None
+    ) -> None:
+        """logits: the target's rows for the request's last known token and each draft; end: the
+        last kept draft; extra_logits: the rows of the draft's extra rows."""
         proposer = self.proposer(req.params.speculative)
+        if extra_logits is not None:
+            proposer.on_extra_rows(req, draft, end, extra_logits)
         if proposer.uses_target_predictions and logits is not None:
             proposer.on_target_predictions(req, draft, accepted, logits.argmax(dim=-1).tolist())
         if req.spec_stats is None:

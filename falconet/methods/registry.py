@@ -64,6 +64,7 @@ def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.ngram import NgramProposer, NgramTreeProposer
     from falconet.methods.speculative.ouroboros import OuroborosProposer
     from falconet.methods.speculative.pearl import PearlProposer
+    from falconet.methods.speculative.ppd import PPDProposer
     from falconet.methods.speculative.rsd import RecursiveSpeculativeProposer
     from falconet.methods.speculative.smartspec import SmartSpecProposer
     from falconet.methods.speculative.specdecpp import SpecDecPlusPlusProposer
@@ -87,6 +88,7 @@ def _builtin_speculative(registry: Registry) -> None:
         PearlProposer,
         DiscoProposer,
         OuroborosProposer,
+        PPDProposer,
     ):
         registry._entries[cls.name] = cls
 

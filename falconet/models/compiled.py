@@ -78,9 +78,11 @@ class CompiledDecode:
         self.compiled_steps = 0
         return True
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache) -> torch.Tensor:
-        if not kv_cache.decode_only:
-            return self.model(ids, positions, kv_cache)
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache, embeds=None
+    ) -> torch.Tensor:
+        if not kv_cache.decode_only or embeds is not None:  # rows fed vectors run eagerly
+            return self.model(ids, positions, kv_cache, embeds=embeds)
         slots, extra_rows, extra_slots, tables, lengths = kv_cache.decode_inputs
         for t in (ids, positions, slots, lengths, tables):
             torch._dynamo.maybe_mark_dynamic(t, 0)

@@ -145,11 +145,20 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache, num_layers: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache,
+        num_layers: int | None = None,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] for flattened tokens; call `compute_logits` on the rows needed.
-        `num_layers` stops after the first layers (then the final norm): layer-skip drafting."""
+        `num_layers` stops after the first layers (then the final norm): layer-skip drafting.
+        `embeds` (rows, vectors): those rows' inputs are the vectors, not their tokens' embeddings
+        (trained prompt tokens, methods/speculative/ppd.py)."""
         x, residual = self.embed_tokens(input_ids), None
+        if embeds is not None:
+            x[embeds[0]] = embeds[1].to(x.dtype)
         for layer in self.layers[:num_layers]:
             x, residual = layer.forward(x, residual, positions, kv_cache)
         return self.norm.forward(x, residual)

@@ -34,6 +34,7 @@ METHODS = [
     "pearl",
     "disco",
     "ouroboros",
+    "ppd",
 ]
 
 
@@ -104,10 +105,19 @@ def drafts(draft_dir, tiny_eagle_head_dir) -> dict:
 
 
 @pytest.fixture
-def drafts_for(drafts, tiny_llama_dir):
+def drafts_for(drafts, tiny_llama_dir, tiny_ppd_dir):
     """PEARL uses its drafts only when the draft model guessed the target's next token, which
-    a random draft never does: it drafts with the target itself (every draft then kept, greedy)."""
-    return lambda method: {**drafts, "draft_model": str(tiny_llama_dir)} if method == "pearl" else drafts
+    a random draft never does: it drafts with the target itself (every draft then kept, greedy).
+    PPD's trained prompt tokens come as its --draft-head."""
+
+    def options(method: str) -> dict:
+        if method == "pearl":
+            return {**drafts, "draft_model": str(tiny_llama_dir)}
+        if method == "ppd":
+            return {**drafts, "draft_head": str(tiny_ppd_dir)}
+        return drafts
+
+    return options
 
 
 def generate(loaded, prompts, params, **options) -> tuple[list[list[int]], LLMEngine]:
@@ -304,7 +314,7 @@ DISTRIBUTION_METHODS = {
     "draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6, "eagle-tree": 6,
     "spectr": 6, "rsd": 6, "dyspec": 6, "smartspec": 4, "tetris": 4,
     "lookahead": 6, "specdecpp": 3, "pearl": 3, "disco": 3,
-    "ouroboros": 4,
+    "ouroboros": 4, "ppd": 3,
 }  # fmt: skip
 
 
@@ -315,9 +325,19 @@ def _pearl_setting(target, params):
     return target.model, SamplingParams(**{**params.__dict__, "max_tokens": 4})
 
 
+def _ppd_setting(params):
+    """PPD's first guesses are made by the first decode step's forward (output position 1, which
+    the verifier samples without drafts); with 5 tokens, position 2 on comes from verified guesses."""
+    return SamplingParams(**{**params.__dict__, "max_tokens": 5})
+
+
+def _head(method: str, tiny_eagle_head_dir, tiny_ppd_dir) -> str:
+    return str(tiny_ppd_dir if method == "ppd" else tiny_eagle_head_dir)
+
+
 @pytest.mark.parametrize("method", list(DISTRIBUTION_METHODS))
 @pytest.mark.parametrize("params", SAMPLED, ids=["t1", "shaped"])
-def test_sampling_matches_plain_sampling(peaked, tiny_eagle_head_dir, method, params):
+def test_sampling_matches_plain_sampling(peaked, tiny_eagle_head_dir, tiny_ppd_dir, method, params):
     """Empirical distribution of output tokens 2 and 3 over 3000 seeds, with speculation vs
     without: chi-square homogeneity p > 0.001 and total variation < TV_BOUND. Seeds are fixed,
     so the outcome is deterministic. Calibration (plain vs plain, other seeds): p 0.35-0.88, TV
@@ -327,7 +347,10 @@ def test_sampling_matches_plain_sampling(peaked, tiny_eagle_head_dir, method, pa
     k = DISTRIBUTION_METHODS[method]
     if method == "pearl":
         draft, params = _pearl_setting(target, params)
-    ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=str(tiny_eagle_head_dir))
+    if method == "ppd":
+        params = _ppd_setting(params)
+    head = _head(method, tiny_eagle_head_dir, tiny_ppd_dir)
+    ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=head)
     for pos in POSITIONS:
         p_value, tv = _chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours])
         assert p_value > 1e-3 and tv < TV_BOUND, (pos, p_value, tv)
@@ -341,10 +364,10 @@ def _ratio_inverted(u, p, q):
     return u * p < q
 
 
-@pytest.mark.parametrize("method", ["draft-model", "decoy-tree", "spectr", "rsd", "tetris", "pearl"])
+@pytest.mark.parametrize("method", ["draft-model", "decoy-tree", "spectr", "rsd", "tetris", "pearl", "ppd"])
 @pytest.mark.parametrize("mutation", [_always, _ratio_inverted], ids=["accept-always", "q-over-p"])
 def test_the_distribution_test_catches_a_wrong_acceptance_rule(
-    peaked, tiny_eagle_head_dir, monkeypatch, mutation, method
+    peaked, tiny_eagle_head_dir, tiny_ppd_dir, monkeypatch, mutation, method
 ):
     target, draft = peaked
     params = SAMPLED[0]
@@ -353,7 +376,10 @@ def test_the_distribution_test_catches_a_wrong_acceptance_rule(
     k = DISTRIBUTION_METHODS[method]
     if method == "pearl":
         draft, params = _pearl_setting(target, params)
-    ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=str(tiny_eagle_head_dir))
+    if method == "ppd":
+        params = _ppd_setting(params)
+    head = _head(method, tiny_eagle_head_dir, tiny_ppd_dir)
+    ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=head)
     results = [_chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours]) for pos in POSITIONS]
     assert any(p_value <= 1e-3 or tv >= TV_BOUND for p_value, tv in results), results
 

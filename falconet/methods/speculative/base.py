@@ -59,6 +59,13 @@ class Draft:
     sequences: list[list[int]] | None = None  # "iid": the drafted sequences' node paths
     # a model drafter's probability of each token it chose (its own guess of acceptance)
     confidence: list[float] | None = None
+    # Rows the target runs in the same forward but does not verify (Parallel Prompt Decoding's
+    # prompt tokens): row e's input is extra_embeds[e], not a token's embedding, and it hangs under
+    # extra_parents[e]: a draft index, -1 for the request's last known token, len(tokens) + e' for
+    # an earlier extra row. The proposer gets their logits (`Proposer.on_extra_rows`); their KV
+    # entries are dropped like a rejected branch's.
+    extra_parents: list[int] | None = None
+    extra_embeds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.parents is not None:
@@ -77,10 +84,27 @@ class Draft:
     def is_tree(self) -> bool:
         return self.parents is not None
 
+    @property
+    def num_extra(self) -> int:
+        return len(self.extra_parents) if self.extra_parents else 0
+
+    def segment_parents(self) -> list[int] | None:
+        """The parent of each row after the root in the target's forward (the drafts, then the
+        extra rows), as a token tree's; None for a plain chain."""
+        if not self.num_extra:
+            return self.parents
+        chain = self.parents if self.parents is not None else list(range(-1, len(self.tokens) - 1))
+        return chain + list(self.extra_parents)
+
+    def drop_extra(self) -> None:
+        self.extra_parents = self.extra_embeds = None
+
     def truncate(self, n: int) -> None:
-        """Keep the first n drafts (a tree stays a tree: parents come before children)."""
+        """Keep the first n drafts (a tree stays a tree: parents come before children); extra
+        rows go with any cut, as they may hang under a dropped draft."""
         if n >= len(self.tokens):
             return
+        self.drop_extra()
         if self.scheme is not None:
             raise ValueError("a sampled draft tree cannot be cut after drafting (see Draft)")
         self.tokens = self.tokens[:n]
@@ -190,6 +214,12 @@ class Proposer(ABC):
         """With `uses_target_predictions`: predicted[j] is the target's argmax after the request's
         known tokens (`all_ids`, not yet extended by this step's tokens) and drafts 0..j-1,
         rows past the first rejection included; `accepted` drafts were kept."""
+
+    def on_extra_rows(  # noqa: B027 - optional hook
+        self, request: Request, draft: Draft, end: int, logits: torch.Tensor
+    ) -> None:
+        """For a draft with extra rows: their target logits [num_extra, V], once verified; `end`
+        is the last kept draft (-1: none), after which the target added its own token."""
 
     def on_verified(self, request: Request) -> None:  # noqa: B027 - optional hook
         """The target accepted some drafts; `request.num_computed` is the new valid length."""
