@@ -167,6 +167,28 @@ def cmd_train_prompts(args) -> int:
     return 0
 
 
+def cmd_train_transfer(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from falconet.methods.speculative.hidden_transfer import default_transfer_path
+    from falconet.models.catalog import resolve
+    from falconet.train.train_transfer import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = Path(args.output) if args.output else default_transfer_path(resolve(args.model))
+    train(
+        args.model, output, num_tokens=args.num_tokens, layer=args.layer, num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size,
+        num_anchors=args.num_anchors, lr=args.lr, data=Path(args.data) if args.data else None,
+        log=functools.partial(print, flush=True),
+    )  # fmt: skip
+    print(f"use it with: --speculative hidden-transfer --draft-head {output}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     params = _sampling(args)
     llm = _llm(args)
@@ -354,6 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="file keeping the collected answers (reused)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_train_prompts)
+
+    p = sub.add_parser("train-transfer", help="train hidden transfer's linear maps for a model")
+    p.add_argument("--model", "-m", default=None, help="the target (default: smollm2-135m)")
+    p.add_argument("--output", "-o", default=None, help="folder to write (default: under $FALCONET_HOME)")
+    p.add_argument("--num-tokens", type=int, default=3, help="tokens guessed ahead (m)")
+    p.add_argument("--layer", type=int, default=None, help="where the transfer happens (default: mid-depth)")
+    p.add_argument("--num-prompts", type=int, default=1024, help="synthetic instructions the target answers")
+    p.add_argument("--max-tokens", type=int, default=128, help="answer length")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-anchors", type=int, default=32, help="pseudo-token groups per sequence and step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--data", default=None, help="file keeping the collected answers (reused)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_train_transfer)
 
     p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     p.add_argument("prompt")

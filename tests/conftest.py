@@ -124,3 +124,28 @@ def tiny_ppd_dir(tiny_llama_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-ppd")
     save_prompts(path, embeddings, target.config, {"note": "test"})
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_transfer_dir(tiny_llama_dir, tmp_path_factory):
+    """Hidden transfer's maps for the tiny Llama (transfer at layer 1 of 2), briefly trained on
+    random prompts' greedy answers."""
+    import random
+
+    import torch
+
+    from falconet.methods.speculative.hidden_transfer import TransferLayers, save_transfer
+    from falconet.models.loader import load_model
+    from falconet.train.distill_draft import Example
+    from falconet.train.train_prompts import train_extra_rows
+    from falconet.train.train_transfer import transfer_logits
+
+    target = load_model(tiny_llama_dir, dtype=torch.float32, with_tokenizer=False).model.requires_grad_(False)
+    rng = random.Random(1)
+    examples = [Example([rng.randrange(97) for _ in range(30)], 10) for _ in range(16)]
+    transfer = TransferLayers(3, target.config.hidden_size, 1)
+    logits_of = lambda ids, anchors: transfer_logits(target, transfer, ids, anchors)  # noqa: E731
+    train_extra_rows(logits_of, list(transfer.parameters()), examples, 3, 10, 8, 8, 1e-2, log=None)
+    path = tmp_path_factory.mktemp("tiny-transfer")
+    save_transfer(path, transfer, target.config, {"note": "test"})
+    return path

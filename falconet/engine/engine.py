@@ -240,7 +240,7 @@ class LLMEngine:
         draft, then one per extra row (`verifying` lists (request, draft, verified rows, extra
         rows, tree info or None))."""
         ids, positions, segments, last_rows, sampling, spec = [], [], [], [], [], []
-        embed_rows, embeds = [], []  # rows fed vectors (Draft.extra_embeds)
+        edits = []  # (inputs, first row, extra rows) of drafts with extra rows
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             start = req.num_computed
             draft = drafts.get(i)
@@ -257,8 +257,9 @@ class LLMEngine:
                 else:
                     positions.extend(range(start, start + n))
                 if draft.num_extra:
-                    embed_rows.extend(range(len(ids) - draft.num_extra, len(ids)))
-                    embeds.append(draft.extra_embeds)
+                    edits.append(
+                        (draft.extra_inputs, len(ids) - n, slice(len(ids) - draft.num_extra, len(ids)))
+                    )
             segments.append(Segment(req.block_table, start, n, as_decodes=draft is not None, tree=tree))
             if draft is not None:
                 spec.append((req, draft, len(ids) - n, i))
@@ -267,7 +268,7 @@ class LLMEngine:
                 sampling.append(req)
         self.kv_cache.begin_step(segments)
         started = time.perf_counter()
-        extra = {"embeds": (torch.tensor(embed_rows), torch.cat(embeds))} if embeds else {}
+        extra = {"edit_rows": self._row_editor(edits)} if edits else {}
         hidden = self.forward(torch.tensor(ids), torch.tensor(positions), self.kv_cache, **extra)
         row, trees = 0, {}
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
@@ -294,6 +295,16 @@ class LLMEngine:
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows)]) if last_rows else None
         self._forward_s = time.perf_counter() - started
         return logits, sampling, verifying
+
+    @staticmethod
+    def _row_editor(edits: list):
+        """The forward's edit_rows for this step's drafts with extra rows (Draft.extra_inputs)."""
+
+        def edit_rows(layer: int, x: torch.Tensor, residual: torch.Tensor | None) -> None:
+            for inputs, first, rows in edits:
+                inputs.edit(layer, x, residual, first, rows)
+
+        return edit_rows
 
     def _record_prompt_logprobs(self, req: Request, hidden: torch.Tensor) -> None:
         """Row i of this chunk predicts token start + i + 1: keep those that are prompt tokens

@@ -59,6 +59,7 @@ def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.draft_model import DraftModelProposer
     from falconet.methods.speculative.dyspec import DySpecProposer
     from falconet.methods.speculative.eagle import EagleProposer, EagleTreeProposer
+    from falconet.methods.speculative.hidden_transfer import HiddenTransferProposer
     from falconet.methods.speculative.layer_skip import LayerSkipProposer
     from falconet.methods.speculative.lookahead import LookaheadProposer
     from falconet.methods.speculative.ngram import NgramProposer, NgramTreeProposer
@@ -89,6 +90,7 @@ def _builtin_speculative(registry: Registry) -> None:
         DiscoProposer,
         OuroborosProposer,
         PPDProposer,
+        HiddenTransferProposer,
     ):
         registry._entries[cls.name] = cls
 

@@ -79,10 +79,10 @@ class CompiledDecode:
         return True
 
     def __call__(
-        self, ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache, embeds=None
+        self, ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache, edit_rows=None
     ) -> torch.Tensor:
-        if not kv_cache.decode_only or embeds is not None:  # rows fed vectors run eagerly
-            return self.model(ids, positions, kv_cache, embeds=embeds)
+        if not kv_cache.decode_only or edit_rows is not None:  # steps with rows edited run eagerly
+            return self.model(ids, positions, kv_cache, edit_rows=edit_rows)
         slots, extra_rows, extra_slots, tables, lengths = kv_cache.decode_inputs
         for t in (ids, positions, slots, lengths, tables):
             torch._dynamo.maybe_mark_dynamic(t, 0)

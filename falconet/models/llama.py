@@ -150,16 +150,17 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_cache,
         num_layers: int | None = None,
-        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+        edit_rows=None,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] for flattened tokens; call `compute_logits` on the rows needed.
         `num_layers` stops after the first layers (then the final norm): layer-skip drafting.
-        `embeds` (rows, vectors): those rows' inputs are the vectors, not their tokens' embeddings
-        (trained prompt tokens, methods/speculative/ppd.py)."""
+        `edit_rows(i, x, residual)`, called before layer i, may rewrite some rows' stream in place
+        (x: the last sublayer's output, residual: the stream it is added to; before layer 0, x is
+        the embeddings and residual None): trained inputs of extra rows (methods/speculative/ppd.py)."""
         x, residual = self.embed_tokens(input_ids), None
-        if embeds is not None:
-            x[embeds[0]] = embeds[1].to(x.dtype)
-        for layer in self.layers[:num_layers]:
+        for i, layer in enumerate(self.layers[:num_layers]):
+            if edit_rows is not None:
+                edit_rows(i, x, residual)
             x, residual = layer.forward(x, residual, positions, kv_cache)
         return self.norm.forward(x, residual)
 

@@ -65,12 +65,15 @@ def _prompt_layer(layer, xp: torch.Tensor, positions: torch.Tensor, real_kv, mas
     return xp + mlp.down_proj(F.silu(gate) * up).view(b, r, -1).float()
 
 
-def prompt_logits(target, prompts: torch.Tensor, ids: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """Differentiable in `prompts` [m, hidden]: the target's logits [B, N, m, V] at P_1..P_m
-    inserted after position anchors[b, n] of ids[b] (padded [B, S]; each group sees the tokens up
-    to its anchor and its own earlier prompt rows)."""
+def parallel_logits(
+    target, ids: torch.Tensor, anchors: torch.Tensor, m: int, start: int, inputs
+) -> torch.Tensor:
+    """The target's logits [B, N, m, V] at m extra rows inserted after position anchors[b, n] of
+    ids[b] (padded [B, S]), each group seeing the tokens up to its anchor and its own earlier rows.
+    The extra rows enter at layer `start`: `inputs(stream)` gives their stream [B, N * m, hidden]
+    from the real tokens' stream [B, S, hidden] there (differentiable in what it is made of)."""
     b, s = ids.shape
-    n, m = anchors.shape[1], prompts.shape[0]
+    n = anchors.shape[1]
     positions = (anchors[:, :, None] + torch.arange(1, m + 1)).reshape(b, n * m)
     group = torch.arange(n).repeat_interleave(m)
     step = torch.arange(m).repeat(n)
@@ -79,12 +82,23 @@ def prompt_logits(target, prompts: torch.Tensor, ids: torch.Tensor, anchors: tor
     mask = torch.cat([sees_real, sees_prompt.expand(b, -1, -1)], dim=2)
     with torch.no_grad():
         xr = F.embedding(ids, target.embed_tokens.weight).float()
-    xp = prompts[None].repeat(b, n, 1)
-    for layer in target.layers:
+    xp = None
+    for i, layer in enumerate(target.layers):
+        if i == start:
+            xp = inputs(xr)
         with torch.no_grad():
             xr, kv = real_layer_forward(layer, xr)
-        xp = _prompt_layer(layer, xp, positions, kv, mask)
+        if xp is not None:
+            xp = _prompt_layer(layer, xp, positions, kv, mask)
     return target.compute_logits(_rms(target.norm, xp)).view(b, n, m, -1)
+
+
+def prompt_logits(target, prompts: torch.Tensor, ids: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """PPD: P_1..P_m ([m, hidden], differentiable) as the extra rows' input embeddings."""
+    b, n = anchors.shape
+    return parallel_logits(
+        target, ids, anchors, prompts.shape[0], 0, lambda xr: prompts[None].repeat(b, n, 1)
+    )
 
 
 def _batch(examples: list[Example], num_anchors: int, m: int, rng: random.Random):
@@ -105,6 +119,47 @@ def _batch(examples: list[Example], num_anchors: int, m: int, rng: random.Random
     return ids, anchors, labels
 
 
+def train_extra_rows(
+    logits_of,
+    params: list,
+    examples: list[Example],
+    m: int,
+    steps: int,
+    batch_size: int,
+    num_anchors: int,
+    lr: float,
+    seed: int = 0,
+    log=print,
+) -> list[float]:
+    """Cross-entropy of `logits_of(ids, anchors)` ([B, N, m, V], differentiable in `params`)
+    against the tokens 2..m+1 places past each anchor; returns every step's loss."""  # fmt: skip
+    batches = shuffled_batches(len(examples), batch_size, seed)
+    rng = random.Random(seed)
+
+    def step_loss(step: int) -> torch.Tensor:
+        ids, anchors, labels = _batch([examples[i] for i in next(batches)], num_anchors, m, rng)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = logits_of(ids, anchors)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    return run_adamw(params, steps, lr, step_loss, log)
+
+
+@torch.no_grad()
+def top1_by_position(logits_of, m: int, examples: list[Example], num_anchors: int = 32) -> list[float]:
+    """Held-out: how often the argmax at extra row j is x_{t+1+j}, per j (teacher-forced)."""
+    hits, totals = torch.zeros(m), torch.zeros(m)
+    rng = random.Random(1)
+    for e in examples:
+        ids, anchors, labels = _batch([e], num_anchors, m, rng)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            guess = logits_of(ids, anchors).argmax(-1)
+        valid = labels >= 0
+        hits += ((guess == labels) & valid).sum(dim=(0, 1)).float()
+        totals += valid.sum(dim=(0, 1)).float()
+    return (hits / totals.clamp(min=1)).tolist()
+
+
 def train_prompt_tokens(
     target,
     examples: list[Example],
@@ -117,38 +172,21 @@ def train_prompt_tokens(
     log=print,
 ) -> tuple[torch.Tensor, list[float]]:
     """Returns the trained [m, hidden] embeddings (float32) and every step's loss."""
-    for p in target.parameters():
-        p.requires_grad_(False)
+    target.requires_grad_(False)
     prompts = torch.nn.Parameter(init_prompts(target, num_prompts))
-    batches = shuffled_batches(len(examples), batch_size, seed)
-    rng = random.Random(seed)
-
-    def step_loss(step: int) -> torch.Tensor:
-        ids, anchors, labels = _batch([examples[i] for i in next(batches)], num_anchors, num_prompts, rng)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = prompt_logits(target, prompts, ids, anchors)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-    losses = run_adamw([prompts], steps, lr, step_loss, log)
+    losses = train_extra_rows(
+        lambda ids, anchors: prompt_logits(target, prompts, ids, anchors),
+        [prompts], examples, num_prompts, steps, batch_size, num_anchors, lr, seed, log,
+    )  # fmt: skip
     return prompts.detach(), losses
 
 
-@torch.no_grad()
 def top1_by_prompt(
     target, prompts: torch.Tensor, examples: list[Example], num_anchors: int = 32
 ) -> list[float]:
     """Held-out: how often the target's argmax at P_j is x_{t+1+j}, per j (teacher-forced)."""
-    m = prompts.shape[0]
-    hits, totals = torch.zeros(m), torch.zeros(m)
-    rng = random.Random(1)
-    for e in examples:
-        ids, anchors, labels = _batch([e], num_anchors, m, rng)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            guess = prompt_logits(target, prompts, ids, anchors).argmax(-1)
-        valid = labels >= 0
-        hits += ((guess == labels) & valid).sum(dim=(0, 1)).float()
-        totals += valid.sum(dim=(0, 1)).float()
-    return (hits / totals.clamp(min=1)).tolist()
+    logits_of = lambda ids, anchors: prompt_logits(target, prompts, ids, anchors)  # noqa: E731
+    return top1_by_position(logits_of, prompts.shape[0], examples, num_anchors)
 
 
 def default_prompts_path(model_path) -> Path:
@@ -167,6 +205,26 @@ def read_examples(data: Path) -> list[Example]:
     return [Example(list(e["ids"]), int(e["answer_start"])) for e in torch.load(data)]
 
 
+def target_answers(
+    target_spec, data: Path | None, num_prompts: int, max_tokens: int, log=print
+) -> list[Example]:
+    """The target's greedy answers to synthetic instructions, or those kept in `data` (a file
+    written here or by `falconet train-head --data`, read if it exists, else written)."""
+    from falconet.api import LLM
+    from falconet.train.prompts import synthetic_prompts
+
+    if data is not None and Path(data).is_file():
+        log(f"reading the collected answers from {data}")
+        return read_examples(data)
+    llm = LLM(target_spec, dtype="bfloat16", max_num_seqs=32)
+    prompts = synthetic_prompts(num_prompts + 32, seed=0)
+    log(f"collecting the target's answers to {len(prompts)} prompts ({max_tokens} tokens each)...")
+    examples = collect_outputs(llm, prompts, max_tokens)
+    if data is not None:
+        torch.save([{"ids": e.ids, "answer_start": e.answer_start} for e in examples], data)
+    return examples
+
+
 def train(
     target_spec: str | None,
     output: Path,
@@ -181,22 +239,10 @@ def train(
     log=print,
 ) -> dict:
     """The whole recipe; returns what it measured (times, loss, held-out accuracy per P_j)."""
-    from falconet.api import LLM
     from falconet.models.loader import load_model
-    from falconet.train.prompts import synthetic_prompts
 
     t0 = time.perf_counter()
-    if data is not None and Path(data).is_file():
-        log(f"reading the collected answers from {data}")
-        examples = read_examples(data)
-    else:
-        llm = LLM(target_spec, dtype="bfloat16", max_num_seqs=32)
-        prompts = synthetic_prompts(num_prompts + 32, seed=0)
-        log(f"collecting the target's answers to {len(prompts)} prompts ({max_tokens} tokens each)...")
-        examples = collect_outputs(llm, prompts, max_tokens)
-        del llm
-        if data is not None:
-            torch.save([{"ids": e.ids, "answer_start": e.answer_start} for e in examples], data)
+    examples = target_answers(target_spec, data, num_prompts, max_tokens, log)
     t_collect = time.perf_counter() - t0
     held_out, examples = examples[-32:], examples[:-32]
     target = load_model(target_spec, dtype=torch.float32, with_tokenizer=False).model

@@ -35,6 +35,7 @@ METHODS = [
     "disco",
     "ouroboros",
     "ppd",
+    "hidden-transfer",
 ]
 
 
@@ -105,16 +106,16 @@ def drafts(draft_dir, tiny_eagle_head_dir) -> dict:
 
 
 @pytest.fixture
-def drafts_for(drafts, tiny_llama_dir, tiny_ppd_dir):
+def drafts_for(drafts, tiny_llama_dir, tiny_ppd_dir, tiny_transfer_dir):
     """PEARL uses its drafts only when the draft model guessed the target's next token, which
     a random draft never does: it drafts with the target itself (every draft then kept, greedy).
-    PPD's trained prompt tokens come as its --draft-head."""
+    PPD's trained prompt tokens and hidden transfer's maps come as their --draft-head."""
 
     def options(method: str) -> dict:
         if method == "pearl":
             return {**drafts, "draft_model": str(tiny_llama_dir)}
-        if method == "ppd":
-            return {**drafts, "draft_head": str(tiny_ppd_dir)}
+        if method in ("ppd", "hidden-transfer"):
+            return {**drafts, "draft_head": str(tiny_ppd_dir if method == "ppd" else tiny_transfer_dir)}
         return drafts
 
     return options
@@ -314,7 +315,7 @@ DISTRIBUTION_METHODS = {
     "draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6, "eagle-tree": 6,
     "spectr": 6, "rsd": 6, "dyspec": 6, "smartspec": 4, "tetris": 4,
     "lookahead": 6, "specdecpp": 3, "pearl": 3, "disco": 3,
-    "ouroboros": 4, "ppd": 3,
+    "ouroboros": 4, "ppd": 3, "hidden-transfer": 3,
 }  # fmt: skip
 
 
@@ -331,13 +332,15 @@ def _ppd_setting(params):
     return SamplingParams(**{**params.__dict__, "max_tokens": 5})
 
 
-def _head(method: str, tiny_eagle_head_dir, tiny_ppd_dir) -> str:
-    return str(tiny_ppd_dir if method == "ppd" else tiny_eagle_head_dir)
+def _head(method: str, tiny_eagle_head_dir, tiny_ppd_dir, tiny_transfer_dir) -> str:
+    return str({"ppd": tiny_ppd_dir, "hidden-transfer": tiny_transfer_dir}.get(method, tiny_eagle_head_dir))
 
 
 @pytest.mark.parametrize("method", list(DISTRIBUTION_METHODS))
 @pytest.mark.parametrize("params", SAMPLED, ids=["t1", "shaped"])
-def test_sampling_matches_plain_sampling(peaked, tiny_eagle_head_dir, tiny_ppd_dir, method, params):
+def test_sampling_matches_plain_sampling(
+    peaked, tiny_eagle_head_dir, tiny_ppd_dir, tiny_transfer_dir, method, params
+):
     """Empirical distribution of output tokens 2 and 3 over 3000 seeds, with speculation vs
     without: chi-square homogeneity p > 0.001 and total variation < TV_BOUND. Seeds are fixed,
     so the outcome is deterministic. Calibration (plain vs plain, other seeds): p 0.35-0.88, TV
@@ -347,9 +350,9 @@ def test_sampling_matches_plain_sampling(peaked, tiny_eagle_head_dir, tiny_ppd_d
     k = DISTRIBUTION_METHODS[method]
     if method == "pearl":
         draft, params = _pearl_setting(target, params)
-    if method == "ppd":
+    if method in ("ppd", "hidden-transfer"):
         params = _ppd_setting(params)
-    head = _head(method, tiny_eagle_head_dir, tiny_ppd_dir)
+    head = _head(method, tiny_eagle_head_dir, tiny_ppd_dir, tiny_transfer_dir)
     ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=head)
     for pos in POSITIONS:
         p_value, tv = _chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours])
@@ -367,7 +370,7 @@ def _ratio_inverted(u, p, q):
 @pytest.mark.parametrize("method", ["draft-model", "decoy-tree", "spectr", "rsd", "tetris", "pearl", "ppd"])
 @pytest.mark.parametrize("mutation", [_always, _ratio_inverted], ids=["accept-always", "q-over-p"])
 def test_the_distribution_test_catches_a_wrong_acceptance_rule(
-    peaked, tiny_eagle_head_dir, tiny_ppd_dir, monkeypatch, mutation, method
+    peaked, tiny_eagle_head_dir, tiny_ppd_dir, tiny_transfer_dir, monkeypatch, mutation, method
 ):
     target, draft = peaked
     params = SAMPLED[0]
@@ -376,9 +379,9 @@ def test_the_distribution_test_catches_a_wrong_acceptance_rule(
     k = DISTRIBUTION_METHODS[method]
     if method == "pearl":
         draft, params = _pearl_setting(target, params)
-    if method == "ppd":
+    if method in ("ppd", "hidden-transfer"):
         params = _ppd_setting(params)
-    head = _head(method, tiny_eagle_head_dir, tiny_ppd_dir)
+    head = _head(method, tiny_eagle_head_dir, tiny_ppd_dir, tiny_transfer_dir)
     ours = _samples(target, draft, spec(params, method, k=k), seed0=10**6, head=head)
     results = [_chi_square_homogeneity([o[pos] for o in plain], [o[pos] for o in ours]) for pos in POSITIONS]
     assert any(p_value <= 1e-3 or tv >= TV_BOUND for p_value, tv in results), results

@@ -8,6 +8,8 @@ import random
 
 import torch
 
+from falconet.engine.engine import LLMEngine
+from falconet.methods.speculative.ppd import PromptInputs
 from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import load_model
 from falconet.train.distill_draft import Example
@@ -27,8 +29,9 @@ def test_training_forward_is_the_inference_forward(tiny_llama_dir):
             rows = ids[0, : t + 1].tolist() + [0, 0, 0]
             cache = PagedKVCache(target.config, 4, 16, torch.float32)
             cache.begin_step([Segment([0, 1, 2, 3], 0, len(rows))])
-            embeds = (torch.arange(t + 1, t + 4), prompts)
-            hidden = target(torch.tensor(rows), torch.arange(len(rows)), cache, embeds=embeds)
+            inputs = PromptInputs(prompts)
+            edit = LLMEngine._row_editor([(inputs, t, slice(t + 1, t + 4))])
+            hidden = target(torch.tensor(rows), torch.arange(len(rows)), cache, edit_rows=edit)
             torch.testing.assert_close(
                 trained[n], target.compute_logits(hidden[t + 1 :]), atol=2e-4, rtol=1e-4
             )

@@ -31,6 +31,18 @@ if TYPE_CHECKING:
     from falconet.engine.request import Request
 
 
+class ExtraInputs(ABC):
+    """What a draft's extra rows (Draft.extra_parents) are fed in the verifying forward."""
+
+    @abstractmethod
+    def edit(
+        self, layer: int, x: torch.Tensor, residual: torch.Tensor | None, first: int, rows: slice
+    ) -> None:
+        """Called before each decoder layer (LlamaForCausalLM.forward's edit_rows) over the whole
+        step's rows: the draft's segment starts at row `first` (its last known token) and its
+        extra rows are `rows`; rewrite their stream in place where the method feeds them."""
+
+
 @dataclass
 class Draft:
     """Draft tokens for one request: a chain, or a token tree.
@@ -60,12 +72,12 @@ class Draft:
     # a model drafter's probability of each token it chose (its own guess of acceptance)
     confidence: list[float] | None = None
     # Rows the target runs in the same forward but does not verify (Parallel Prompt Decoding's
-    # prompt tokens): row e's input is extra_embeds[e], not a token's embedding, and it hangs under
-    # extra_parents[e]: a draft index, -1 for the request's last known token, len(tokens) + e' for
-    # an earlier extra row. The proposer gets their logits (`Proposer.on_extra_rows`); their KV
-    # entries are dropped like a rejected branch's.
+    # prompt tokens, hidden transfer's pseudo tokens): extra row e hangs under extra_parents[e], a
+    # draft index, -1 for the request's last known token, len(tokens) + e' for an earlier extra
+    # row; `extra_inputs` says what they are fed. The proposer gets their logits
+    # (`Proposer.on_extra_rows`); their KV entries are dropped like a rejected branch's.
     extra_parents: list[int] | None = None
-    extra_embeds: torch.Tensor | None = None
+    extra_inputs: ExtraInputs | None = None
 
     def __post_init__(self) -> None:
         if self.parents is not None:
@@ -97,7 +109,7 @@ class Draft:
         return chain + list(self.extra_parents)
 
     def drop_extra(self) -> None:
-        self.extra_parents = self.extra_embeds = None
+        self.extra_parents = self.extra_inputs = None
 
     def truncate(self, n: int) -> None:
         """Keep the first n drafts (a tree stays a tree: parents come before children); extra

@@ -22,7 +22,7 @@ import torch
 
 from falconet.errors import FalconetError
 from falconet.methods.speculative.artifacts import find_artifact, read_artifact
-from falconet.methods.speculative.base import Draft, Proposer, ProposerError
+from falconet.methods.speculative.base import Draft, ExtraInputs, Proposer, ProposerError
 from falconet.train.train_prompts import MARKER, default_prompts_path
 
 
@@ -32,6 +32,17 @@ def load_prompt_embeddings(path, model) -> torch.Tensor:
     if "prompt_embeddings" not in tensors:
         raise FalconetError(f"{path}: holds no prompt embeddings")
     return tensors["prompt_embeddings"].to(model.embed_tokens.weight.dtype)
+
+
+class PromptInputs(ExtraInputs):
+    """The extra rows' input embeddings are the trained prompt tokens."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        self.embeddings = embeddings
+
+    def edit(self, layer, x, residual, first, rows) -> None:
+        if layer == 0:
+            x[rows] = self.embeddings
 
 
 class PPDProposer(Proposer):
@@ -44,29 +55,34 @@ class PPDProposer(Proposer):
     )
     default_num_tokens = 3
 
-    def __init__(self, engine, embeddings: torch.Tensor | None = None):
+    # the artifact: marker file, what makes it, its default folder
+    marker, command, default_path = MARKER, "falconet train-prompts", staticmethod(default_prompts_path)
+
+    def __init__(self, engine):
         super().__init__(engine)
-        if embeddings is None:
-            given = engine.config.draft_head
-            if given is not None and not (Path(given) / MARKER).is_file():
-                given = None  # --draft-head names another method's artifact (an EAGLE head)
-            default = default_prompts_path(engine.model_path)
-            path = find_artifact(
-                given, default, MARKER,
-                f"speculative method {self.name!r} needs trained prompt tokens: run `falconet train-prompts` "
-                f"(they are then found at {default}), or pass draft_head= to LLM (--draft-head)",
-            )  # fmt: skip
-            try:
-                embeddings = load_prompt_embeddings(path, engine.model)
-            except FalconetError as e:
-                raise ProposerError(str(e)) from None
-        self.embeddings = embeddings
+        given = engine.config.draft_head
+        if given is not None and not (Path(given) / self.marker).is_file():
+            given = None  # --draft-head names another method's artifact (an EAGLE head)
+        default = self.default_path(engine.model_path)
+        path = find_artifact(
+            given, default, self.marker,
+            f"speculative method {self.name!r} needs trained parameters: run `{self.command}` "
+            f"(they are then found at {default}), or pass draft_head= to LLM (--draft-head)",
+        )  # fmt: skip
+        try:
+            self.load(path)
+        except FalconetError as e:
+            raise ProposerError(str(e)) from None
         # request id -> (the token count its guesses continue from, the guesses)
         self._guesses: dict[str, tuple[int, list[int]]] = {}
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.embeddings.shape[0]
+    def load(self, path) -> None:
+        self.embeddings = load_prompt_embeddings(path, self.engine.model)
+        self.num_prompt_tokens = self.embeddings.shape[0]
+
+    def inputs(self, lengths: list[int]) -> ExtraInputs:
+        """What the groups of these lengths (one per anchor, in order) are fed."""
+        return PromptInputs(torch.cat([self.embeddings[:m] for m in lengths]))
 
     def lookahead(self, num_drafts: int) -> int:
         # The group under the last draft continues the request's own blocks (tree branch 0); a
@@ -89,17 +105,17 @@ class PPDProposer(Proposer):
         and positions granted)."""
         length = self.num_prompt_tokens if length is None else length
         parents: list[int] = []
-        embeds = []
+        lengths = []
         for anchor in range(-1, len(tokens)):
             m = min(length, budget - (anchor + 1))
             if m <= 0:
                 break
             first = len(tokens) + len(parents)
             parents += [anchor] + list(range(first, first + m - 1))
-            embeds.append(self.embeddings[:m])
+            lengths.append(m)
         if not parents:
             return Draft(list(tokens))
-        return Draft(list(tokens), extra_parents=parents, extra_embeds=torch.cat(embeds))
+        return Draft(list(tokens), extra_parents=parents, extra_inputs=self.inputs(lengths))
 
     def on_extra_rows(self, request, draft: Draft, end: int, logits: torch.Tensor) -> None:
         parents = draft.extra_parents

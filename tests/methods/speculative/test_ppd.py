@@ -36,7 +36,7 @@ def test_groups_hang_under_the_last_token_and_every_draft_within_the_budget(tiny
     assert draft.extra_parents == [-1, 2, 3, 0, 5, 6, 1, 8, 9]
     draft = ppd._with_groups([11, 12], budget=2)  # near max_tokens: groups cut, the last one empty
     assert draft.extra_parents == [-1, 2, 0]
-    assert torch.equal(draft.extra_embeds, torch.cat([ppd.embeddings[:2], ppd.embeddings[:1]]))
+    assert torch.equal(draft.extra_inputs.embeddings, torch.cat([ppd.embeddings[:2], ppd.embeddings[:1]]))
     assert ppd._with_groups([11, 12], budget=2).segment_parents() == [-1, 0, -1, 2, 0]
 
 
@@ -73,5 +73,5 @@ def test_next_drafts_are_the_guesses_after_the_accepted_path(tiny, tiny_ppd_dir)
 def test_a_missing_artifact_says_how_to_make_it(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("FALCONET_HOME", str(tmp_path))
     engine = LLMEngine(tiny, EngineConfig())
-    with pytest.raises(FalconetError, match="falconet train-prompts"):
+    with pytest.raises(FalconetError, match="run `falconet train-prompts`"):
         engine.add_request([1, 2, 3], SamplingParams(speculative="ppd"))

@@ -1,0 +1,60 @@
+"""`falconet train-transfer`'s pieces on the tiny model: the training forward is the engine's
+forward with the stream replaced at the transfer layer, and training teaches the maps."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from falconet.engine.engine import LLMEngine
+from falconet.methods.speculative.hidden_transfer import TransferInputs, TransferLayers
+from falconet.models.kv_cache import PagedKVCache, Segment
+from falconet.models.loader import load_model
+from falconet.train.distill_draft import Example
+from falconet.train.train_prompts import top1_by_position, train_extra_rows
+from falconet.train.train_transfer import transfer_logits
+
+
+def test_training_forward_is_the_inference_forward(tiny_llama_dir):
+    target = load_model(tiny_llama_dir, dtype=torch.float32, with_tokenizer=False).model
+    transfer = TransferLayers(3, target.config.hidden_size, layer=1)
+    with torch.no_grad():
+        transfer.weight.add_(0.1 * torch.randn_like(transfer.weight))
+        transfer.bias.add_(0.1 * torch.randn_like(transfer.bias))
+    ids = torch.tensor([[random.Random(i).randrange(97) for i in range(20)]])
+    anchors = torch.tensor([[4, 11, 17]])
+    with torch.no_grad():
+        trained = transfer_logits(target, transfer, ids, anchors)[0]
+        for n, t in enumerate(anchors[0].tolist()):
+            # the extra rows' own tokens (0) and what they compute below the transfer layer are
+            # never read
+            rows = ids[0, : t + 1].tolist() + [0, 0, 0]
+            cache = PagedKVCache(target.config, 4, 16, torch.float32)
+            cache.begin_step([Segment([0, 1, 2, 3], 0, len(rows))])
+            # a group hanging under the segment's root (row t): anchors [0, 0, 0] from `first` t
+            inputs = TransferInputs(transfer, [0, 0, 0], [0, 1, 2])
+            edit = LLMEngine._row_editor([(inputs, t, slice(t + 1, t + 4))])
+            hidden = target(torch.tensor(rows), torch.arange(len(rows)), cache, edit_rows=edit)
+            torch.testing.assert_close(
+                trained[n], target.compute_logits(hidden[t + 1 :]), atol=2e-4, rtol=1e-4
+            )
+
+
+def test_training_teaches_the_maps_what_to_guess(tiny_llama_dir, prompts_of):
+    """As for prompt tokens: answers that always continue with one token are learnt, with the
+    target untouched."""
+    examples = [Example(p + [42] * 12, len(p)) for p in prompts_of(40, seed=3)]
+    target = load_model(tiny_llama_dir, dtype=torch.float32, with_tokenizer=False).model.requires_grad_(False)
+    weights = {n: p.clone() for n, p in target.named_parameters()}
+    transfer = TransferLayers(2, target.config.hidden_size, layer=1)
+    logits_of = lambda ids, anchors: transfer_logits(target, transfer, ids, anchors)  # noqa: E731
+    before = top1_by_position(logits_of, 2, examples[:8])
+    losses = train_extra_rows(
+        logits_of, list(transfer.parameters()), examples[8:], 2, 40, 8, 4, 1e-2, log=None
+    )
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    after = top1_by_position(logits_of, 2, examples[:8])
+    assert max(before) < 0.2 and min(after) > 0.9, (before, after)
+    for n, p in target.named_parameters():
+        assert torch.equal(p, weights[n]), n
