@@ -105,7 +105,10 @@ class HiddenTransferProposer(PPDProposer):
     an intermediate layer's, run through the target's later layers in the verify forward."""
 
     name = "hidden-transfer"
-    paper = "Parallel Decoding via Hidden Transfer for Lossless Large Language Model Acceleration (Wu et al., 2024)"
+    paper = (
+        "Parallel Decoding via Hidden Transfer for Lossless Large Language Model Acceleration "
+        "(Wu et al., 2024)"
+    )
     marker, command, default_path = MARKER, "falconet train-transfer", staticmethod(default_transfer_path)
 
     def load(self, path) -> None:

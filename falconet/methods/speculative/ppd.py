@@ -53,7 +53,9 @@ class PPDProposer(Proposer):
         "Hardware-Aware Parallel Prompt Decoding for Memory-Efficient Acceleration of LLM Inference "
         "(Chen et al., 2024)"
     )
-    default_num_tokens = 3
+    # One draft a step: on 2 CPU cores every extra row costs ~3% of a step, and the second and
+    # third guesses are kept too rarely to pay for their rows (docs/benchmarks.md).
+    default_num_tokens = 1
 
     # the artifact: marker file, what makes it, its default folder
     marker, command, default_path = MARKER, "falconet train-prompts", staticmethod(default_prompts_path)
