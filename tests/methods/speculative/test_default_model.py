@@ -80,3 +80,33 @@ def test_eagle_head_that_learnt_these_answers_drafts_them(llm, prompts, tmp_path
 # later drafts read the head's own predicted features, which even a memorising head gets less
 # right; the head's trees (greedy: its best tokens) spectr 2.43, rsd 2.43, dyspec 2.61.
 EAGLE_FLOORS = {"eagle": 2.1, "spectr": 2.1, "rsd": 2.1, "dyspec": 2.25}
+
+
+def test_hidden_transfer_that_learnt_these_answers_drafts_them(llm, prompts, tmp_path):
+    """Hidden transfer at full scale: maps trained for a few seconds on the target's answers to
+    these prompts must have their guesses kept often, with output identical (the extra rows
+    share the verifying forward with the drafts, and must change none of their results)."""
+    import torch
+
+    from falconet.methods.speculative.hidden_transfer import TransferLayers, save_transfer
+    from falconet.models.loader import load_model
+    from falconet.train.distill_draft import Example
+    from falconet.train.train_prompts import train_extra_rows
+    from falconet.train.train_transfer import transfer_logits
+
+    plain = [o.token_ids for o in _run(llm, prompts, None)]
+    examples = [Example(p + out, len(p)) for p, out in zip(prompts, plain, strict=True)]
+    target = load_model(llm.engine.model_path, dtype=torch.float32, with_tokenizer=False).model
+    target.requires_grad_(False)
+    transfer = TransferLayers(1, target.config.hidden_size, layer=15)
+    logits_of = lambda ids, anchors: transfer_logits(target, transfer, ids, anchors)  # noqa: E731
+    train_extra_rows(logits_of, list(transfer.parameters()), examples, 1, 40, 4, 16, 3e-3, log=None)
+    save_transfer(tmp_path, transfer, target.config, {})
+    llm.engine.config.draft_head = str(tmp_path)  # read when the proposer is first made
+    outs = _run(llm, prompts, "hidden-transfer")
+    assert [o.token_ids for o in outs] == plain
+    steps = sum(o.outputs[0].speculative_metrics["num_steps"] for o in outs)
+    accepted = sum(o.outputs[0].speculative_metrics["num_accepted_tokens"] for o in outs)
+    # measured 1.94 tokens per verifying forward, of at most 2 (one draft a step); guesses read
+    # off the wrong group, or a map not applied, fall towards 1.0
+    assert (accepted + steps) / steps >= 1.6, (accepted + steps) / steps
