@@ -104,89 +104,74 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def cmd_distill_draft(args) -> int:
+def _train(args, default_output, train, method: str, flag: str, **options) -> int:
+    """Run a `falconet train-*` recipe: threads, output folder (default: where `method` looks),
+    the shared options, and how to use what it saved."""
     from pathlib import Path
 
     import torch
-
-    from falconet.models.catalog import resolve
-    from falconet.train.distill_draft import default_draft_path, distill
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    output = Path(args.output) if args.output else default_draft_path(resolve(args.model), args.layers)
-    distill(
-        args.model, output, num_layers=args.layers, vocab_size=args.vocab_size, num_prompts=args.num_prompts,
-        max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        log=functools.partial(print, flush=True),
+    output = Path(args.output) if args.output else default_output
+    if getattr(args, "data", None):
+        options["data"] = Path(args.data)
+    train(
+        args.model, output, num_prompts=args.num_prompts, max_tokens=args.max_tokens, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, log=functools.partial(print, flush=True), **options,
     )  # fmt: skip
-    print(f"use it with: --speculative draft-model --draft-model {output}")
+    print(f"use it with: --speculative {method} {flag} {output}")
     return 0
 
 
+def cmd_distill_draft(args) -> int:
+    from falconet.models.catalog import resolve
+    from falconet.train.distill_draft import default_draft_path, distill
+
+    output = default_draft_path(resolve(args.model), args.layers)
+    return _train(
+        args,
+        output,
+        distill,
+        "draft-model",
+        "--draft-model",
+        num_layers=args.layers,
+        vocab_size=args.vocab_size,
+    )
+
+
 def cmd_train_head(args) -> int:
-    from pathlib import Path
-
-    import torch
-
     from falconet.methods.speculative.eagle import default_head_path
     from falconet.models.catalog import resolve
     from falconet.train.train_head import train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    output = Path(args.output) if args.output else default_head_path(resolve(args.model))
-    train(
-        args.model, output, vocab_size=args.vocab_size, num_prompts=args.num_prompts,
-        max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        data=Path(args.data) if args.data else None, unroll=args.unroll,
-        log=functools.partial(print, flush=True),
-    )  # fmt: skip
-    print(f"use it with: --speculative eagle --draft-head {output}")
-    return 0
+    output = default_head_path(resolve(args.model))
+    return _train(
+        args, output, train, "eagle", "--draft-head", vocab_size=args.vocab_size, unroll=args.unroll
+    )
 
 
 def cmd_train_prompts(args) -> int:
-    from pathlib import Path
-
-    import torch
-
     from falconet.models.catalog import resolve
     from falconet.train.train_prompts import default_prompts_path, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    output = Path(args.output) if args.output else default_prompts_path(resolve(args.model))
-    train(
-        args.model, output, num_prompt_tokens=args.num_prompt_tokens, num_prompts=args.num_prompts,
-        max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size,
-        num_anchors=args.num_anchors, lr=args.lr, data=Path(args.data) if args.data else None,
-        log=functools.partial(print, flush=True),
+    output = default_prompts_path(resolve(args.model))
+    return _train(
+        args, output, train, "ppd", "--draft-head",
+        num_prompt_tokens=args.num_prompt_tokens, num_anchors=args.num_anchors,
     )  # fmt: skip
-    print(f"use it with: --speculative ppd --draft-head {output}")
-    return 0
 
 
 def cmd_train_transfer(args) -> int:
-    from pathlib import Path
-
-    import torch
-
     from falconet.methods.speculative.hidden_transfer import default_transfer_path
     from falconet.models.catalog import resolve
     from falconet.train.train_transfer import train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    output = Path(args.output) if args.output else default_transfer_path(resolve(args.model))
-    train(
-        args.model, output, num_tokens=args.num_tokens, layer=args.layer, num_prompts=args.num_prompts,
-        max_tokens=args.max_tokens, steps=args.steps, batch_size=args.batch_size,
-        num_anchors=args.num_anchors, lr=args.lr, data=Path(args.data) if args.data else None,
-        log=functools.partial(print, flush=True),
+    output = default_transfer_path(resolve(args.model))
+    return _train(
+        args, output, train, "hidden-transfer", "--draft-head",
+        num_tokens=args.num_tokens, layer=args.layer, num_anchors=args.num_anchors,
     )  # fmt: skip
-    print(f"use it with: --speculative hidden-transfer --draft-head {output}")
-    return 0
 
 
 def cmd_generate(args) -> int:

@@ -152,3 +152,26 @@ def test_generate_compiled_equals_eager_on_the_default_model(default_gguf):
     llm = LLM(str(default_gguf), dtype="bfloat16", quantization="int4", max_model_len=256)
     expected = llm.generate("Name three rivers.", SamplingParams(max_tokens=24, temperature=0))[0].text
     assert res.stdout == expected + "\n" and expected.strip()
+
+
+@pytest.mark.parametrize("command, method", [("train-prompts", "ppd"), ("train-transfer", "hidden-transfer")])
+def test_train_commands_save_what_their_method_loads(tiny_llama_dir, tmp_path, command, method):
+    """`falconet train-prompts` / `train-transfer` on the tiny model (answers from a --data
+    file): what they save is what ppd / hidden-transfer load, and they say how to use it."""
+    import random
+
+    import torch
+
+    from falconet.engine.engine import EngineConfig, LLMEngine
+    from falconet.models.loader import load_model
+
+    rng = random.Random(0)
+    data = tmp_path / "answers.pt"
+    torch.save([{"ids": [rng.randrange(97) for _ in range(24)], "answer_start": 8} for _ in range(40)], data)
+    out = tmp_path / "trained"
+    args = ["--model", str(tiny_llama_dir), "--data", str(data), "--output", str(out), "--steps", "3"]
+    res = run_cli(command, *args, "--batch-size", "4", "--num-anchors", "4", "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    assert f"--speculative {method} --draft-head {out}" in res.stdout
+    engine = LLMEngine(load_model(tiny_llama_dir, with_tokenizer=False), EngineConfig(draft_head=str(out)))
+    assert engine.speculator.proposer(method).num_prompt_tokens == 3
