@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from falconet.engine.engine import EngineConfig, LLMEngine
+from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import load_model
 
 
@@ -37,3 +39,20 @@ def prompts_of():
 @pytest.fixture(scope="session")
 def run():
     return run_engine
+
+
+@pytest.fixture(scope="session")
+def group_logits():
+    return one_group_logits
+
+
+def one_group_logits(target, prefix: list[int], inputs) -> torch.Tensor:
+    """The model's logits at 3 extra rows after `prefix`, fed by `inputs` (ExtraInputs) as in
+    the engine's verify forward (one sequence, one group hanging under its last token)."""
+    t = len(prefix) - 1
+    rows = prefix + [0, 0, 0]  # the extra rows' own tokens are never read
+    cache = PagedKVCache(target.config, 4, 16, torch.float32)
+    cache.begin_step([Segment([0, 1, 2, 3], 0, len(rows))])
+    edit = LLMEngine._row_editor([(inputs, t, slice(t + 1, t + 4))])
+    hidden = target(torch.tensor(rows), torch.arange(len(rows)), cache, edit_rows=edit)
+    return target.compute_logits(hidden[t + 1 :])

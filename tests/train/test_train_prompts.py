@@ -8,15 +8,13 @@ import random
 
 import torch
 
-from falconet.engine.engine import LLMEngine
 from falconet.methods.speculative.ppd import PromptInputs
-from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import load_model
 from falconet.train.distill_draft import Example
 from falconet.train.train_prompts import init_prompts, prompt_logits, top1_by_prompt, train_prompt_tokens
 
 
-def test_training_forward_is_the_inference_forward(tiny_llama_dir):
+def test_training_forward_is_the_inference_forward(tiny_llama_dir, group_logits):
     """Several groups in one training forward give, at each P_j, the logits the model gives when
     P_1..P_m are fed as input embeddings right after the anchor (one group, nothing else)."""
     target = load_model(tiny_llama_dir, dtype=torch.float32, with_tokenizer=False).model
@@ -26,15 +24,8 @@ def test_training_forward_is_the_inference_forward(tiny_llama_dir):
     with torch.no_grad():
         trained = prompt_logits(target, prompts, ids, anchors)[0]
         for n, t in enumerate(anchors[0].tolist()):
-            rows = ids[0, : t + 1].tolist() + [0, 0, 0]
-            cache = PagedKVCache(target.config, 4, 16, torch.float32)
-            cache.begin_step([Segment([0, 1, 2, 3], 0, len(rows))])
-            inputs = PromptInputs(prompts)
-            edit = LLMEngine._row_editor([(inputs, t, slice(t + 1, t + 4))])
-            hidden = target(torch.tensor(rows), torch.arange(len(rows)), cache, edit_rows=edit)
-            torch.testing.assert_close(
-                trained[n], target.compute_logits(hidden[t + 1 :]), atol=2e-4, rtol=1e-4
-            )
+            want = group_logits(target, ids[0, : t + 1].tolist(), PromptInputs(prompts))
+            torch.testing.assert_close(trained[n], want, atol=2e-4, rtol=1e-4)
 
 
 def test_training_teaches_the_frozen_target_what_to_guess(tiny_llama_dir, prompts_of):

@@ -7,16 +7,14 @@ import random
 
 import torch
 
-from falconet.engine.engine import LLMEngine
 from falconet.methods.speculative.hidden_transfer import TransferInputs, TransferLayers
-from falconet.models.kv_cache import PagedKVCache, Segment
 from falconet.models.loader import load_model
 from falconet.train.distill_draft import Example
 from falconet.train.train_prompts import top1_by_position, train_extra_rows
 from falconet.train.train_transfer import transfer_logits
 
 
-def test_training_forward_is_the_inference_forward(tiny_llama_dir):
+def test_training_forward_is_the_inference_forward(tiny_llama_dir, group_logits):
     target = load_model(tiny_llama_dir, dtype=torch.float32, with_tokenizer=False).model
     transfer = TransferLayers(3, target.config.hidden_size, layer=1)
     with torch.no_grad():
@@ -27,18 +25,11 @@ def test_training_forward_is_the_inference_forward(tiny_llama_dir):
     with torch.no_grad():
         trained = transfer_logits(target, transfer, ids, anchors)[0]
         for n, t in enumerate(anchors[0].tolist()):
-            # the extra rows' own tokens (0) and what they compute below the transfer layer are
-            # never read
-            rows = ids[0, : t + 1].tolist() + [0, 0, 0]
-            cache = PagedKVCache(target.config, 4, 16, torch.float32)
-            cache.begin_step([Segment([0, 1, 2, 3], 0, len(rows))])
-            # a group hanging under the segment's root (row t): anchors [0, 0, 0] from `first` t
+            # one group under the segment's root (segment row 0): what its rows compute below
+            # the transfer layer is never read
             inputs = TransferInputs(transfer, [0, 0, 0], [0, 1, 2])
-            edit = LLMEngine._row_editor([(inputs, t, slice(t + 1, t + 4))])
-            hidden = target(torch.tensor(rows), torch.arange(len(rows)), cache, edit_rows=edit)
-            torch.testing.assert_close(
-                trained[n], target.compute_logits(hidden[t + 1 :]), atol=2e-4, rtol=1e-4
-            )
+            want = group_logits(target, ids[0, : t + 1].tolist(), inputs)
+            torch.testing.assert_close(trained[n], want, atol=2e-4, rtol=1e-4)
 
 
 def test_training_teaches_the_maps_what_to_guess(tiny_llama_dir, prompts_of):

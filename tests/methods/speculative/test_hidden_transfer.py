@@ -4,8 +4,6 @@ the distribution test are in tests/engine/test_speculative.py."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -39,31 +37,13 @@ def test_the_stream_at_the_transfer_layer_is_replaced():
     assert torch.equal(x[:6], before[0][:6]) and torch.equal(residual[:6], before[1][:6])
 
 
-def test_next_drafts_are_the_guesses_after_the_accepted_path(tiny, tiny_transfer_dir):
-    """After every step, the guesses equal the pseudo rows' argmax computed from scratch (the
-    training forward) after the text up to the target's last token."""
+def test_next_drafts_are_the_guesses_after_the_accepted_path(tiny, tiny_transfer_dir, guesses_checked):
     engine = LLMEngine(tiny, EngineConfig(draft_head=str(tiny_transfer_dir), max_num_seqs=4))
-    proposer = engine.speculator.proposer("hidden-transfer")
-    transfer = proposer.transfer.float()
+    transfer = engine.speculator.proposer("hidden-transfer").transfer  # float32, as the tiny model
     target = load_model(engine.model_path, dtype=torch.float32, with_tokenizer=False).model
-    rng = random.Random(5)
-    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, speculative="hidden-transfer")
-    reqs = [engine.add_request([rng.randrange(97) for _ in range(9)], params) for _ in range(3)]
-    checked = 0
-    while engine.has_unfinished():
-        engine.step()
-        for r in reqs:
-            if r.request_id not in proposer._guesses or r.finished:
-                continue
-            known, guesses = proposer._guesses[r.request_id]
-            assert known == r.num_tokens
-            with torch.no_grad():
-                logits = transfer_logits(
-                    target, transfer, torch.tensor([r.all_ids[:-1]]), torch.tensor([[len(r.all_ids) - 2]])
-                )
-            assert guesses == logits[0, 0, : len(guesses)].argmax(-1).tolist()
-            checked += 1
-    assert checked > 20
+    guesses_checked(
+        engine, "hidden-transfer", lambda ids, a: transfer_logits(target, transfer, ids, a), seed=5
+    )
 
 
 def test_a_missing_artifact_says_how_to_make_it(tiny, tmp_path, monkeypatch, tiny_ppd_dir):
