@@ -147,8 +147,23 @@ def cmd_train_head(args) -> int:
 
     output = default_head_path(resolve(args.model))
     return _train(
-        args, output, train, "eagle", "--draft-head", vocab_size=args.vocab_size, unroll=args.unroll
-    )
+        args, output, train, "eagle", "--draft-head",
+        vocab_size=args.vocab_size, unroll=args.unroll, device=_training_device(args.device),
+    )  # fmt: skip
+
+
+def _training_device(name: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FalconetError(f"--device {name!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FalconetError(f"--device {name}: this machine has no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise FalconetError(f"--device {name}: only cpu and cuda are supported")
+    return name
 
 
 def cmd_train_prompts(args) -> int:
@@ -344,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="file keeping the collected answers and features (reused)")
     p.add_argument(
         "--unroll", type=int, default=1, help="drafting steps simulated in training (training-time test)"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where to collect and train: cpu (the engine) or cuda (a GPU, minutes)",
     )
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_train_head)

@@ -175,3 +175,16 @@ def test_train_commands_save_what_their_method_loads(tiny_llama_dir, tmp_path, c
     assert f"--speculative {method} --draft-head {out}" in res.stdout
     engine = LLMEngine(load_model(tiny_llama_dir, with_tokenizer=False), EngineConfig(draft_head=str(out)))
     assert engine.speculator.proposer(method).num_prompt_tokens == 3
+
+
+def test_train_head_device_must_exist(tiny_llama_dir, tmp_path):
+    """`falconet train-head --device`: an unknown device, or CUDA on a machine without one, is a
+    clean error before anything is loaded."""
+    import torch
+
+    args = ("train-head", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "head"))
+    assert_clean_error(run_cli(*args, "--device", "gpu0"), "not a device")
+    assert_clean_error(run_cli(*args, "--device", "meta"), "only cpu and cuda")
+    if not torch.cuda.is_available():
+        assert_clean_error(run_cli(*args, "--device", "cuda"), "no CUDA device")
+    assert not (tmp_path / "head").exists()

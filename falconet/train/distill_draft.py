@@ -116,7 +116,7 @@ def train_layer_forward(layer, x: torch.Tensor, context: list | None = None):
     the first pass's entries up to t - m + 1 (real features), then pass i's entry at t - m + i."""
     b, s, _ = x.shape
     attn, mlp = layer.self_attn, layer.mlp
-    positions = torch.arange(s).repeat(b)
+    positions = torch.arange(s, device=x.device).repeat(b)
     h = _rms(layer.input_layernorm, x).reshape(b * s, -1)
     q, k, v = attn.qkv_proj(h).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q = q.reshape(b * s, attn.num_heads, attn.head_dim)
@@ -130,7 +130,7 @@ def train_layer_forward(layer, x: torch.Tensor, context: list | None = None):
         m = len(context) + 1
         keys = torch.cat([c[0] for c in context] + [k], dim=2)
         values = torch.cat([c[1] for c in context] + [v], dim=2)
-        ones = torch.ones(s, s, dtype=torch.bool)
+        ones = torch.ones(s, s, dtype=torch.bool, device=x.device)
         mask = [torch.tril(ones, -(m - 1))]
         mask += [torch.tril(ones, i - m) & torch.triu(ones, i - m) for i in range(2, m + 1)]  # j == t - m + i
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=torch.cat(mask, dim=1), enable_gqa=True)

@@ -117,19 +117,39 @@ def self_written_prompts(engine, n: int, seed: int = 0, max_tokens: int = 64) ->
     generalises to prompts it has not seen. Deduplicated; empty ones dropped."""
     from falconet.sampling_params import SamplingParams
 
-    tokenizer = engine.tokenizer
-    marker = "\x00USER\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
-    prefix = text[: text.index(marker)]
-    has_bos = tokenizer.bos_token is not None and prefix.startswith(tokenizer.bos_token)
-    ids = tokenizer.encode(prefix, add_special_tokens=not has_bos)
+    ids = user_turn_prefix(engine.tokenizer)
     params = SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95)
     reqs = [engine.add_request(ids, params, seed=seed * 1_000_003 + i) for i in range(n)]
     while engine.has_unfinished():
         engine.step()
+    return distinct_requests([r.output_text for r in reqs])
+
+
+def self_written_prompts_dense(loaded, n: int, seed: int = 0, max_tokens: int = 64) -> list[str]:
+    """`self_written_prompts` sampled by train/generate.py on the model's own device."""
+    from falconet.train.generate import generate
+
+    ids = user_turn_prefix(loaded.tokenizer)
+    eos = loaded.config.eos_token_ids
+    outs = generate(
+        loaded.model, [ids] * n, max_tokens, eos, temperature=1.0, top_p=0.95, seed=seed, batch_size=512
+    )
+    return distinct_requests([loaded.tokenizer.decode(o.output_ids) for o in outs])
+
+
+def user_turn_prefix(tokenizer) -> list[int]:
+    """The chat template's ids up to where a user's text goes."""
+    marker = "\x00USER\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
+    prefix = text[: text.index(marker)]
+    has_bos = tokenizer.bos_token is not None and prefix.startswith(tokenizer.bos_token)
+    return tokenizer.encode(prefix, add_special_tokens=not has_bos)
+
+
+def distinct_requests(texts: list[str]) -> list[str]:
     seen, out = set(), []
-    for r in reqs:
-        text = r.output_text.strip()
+    for text in texts:
+        text = text.strip()
         if len(text) >= 8 and text not in seen:
             seen.add(text)
             out.append(text)

@@ -35,6 +35,7 @@ from falconet.train.distill_draft import (
     shuffled_batches,
     train_layer_forward,
 )
+from falconet.train.generate import generate
 
 
 @dataclasses.dataclass
@@ -73,19 +74,26 @@ def collect_features(
     return examples
 
 
-def _batch(examples: list[FeatureExample], hidden: int) -> tuple[torch.Tensor, ...]:
+def collect_features_dense(loaded, prompts: list[list[int]], max_tokens: int) -> list[FeatureExample]:
+    """`collect_features` by train/generate.py, on the model's own device (a GPU: seconds)."""
+    eos = loaded.config.eos_token_ids
+    outs = generate(loaded.model, prompts, max_tokens, eos, batch_size=256, features=True)
+    return [FeatureExample(p + o.output_ids, len(p), o.features) for p, o in zip(prompts, outs, strict=True)]
+
+
+def _batch(examples: list[FeatureExample], hidden: int, device="cpu") -> tuple[torch.Tensor, ...]:
     """Padded [B, S] ids, [B, S-1, hidden] features, and the [B, S-2] mask of positions t whose
     prediction (f_{t+1}, x_{t+2}) is learnt: x_{t+2} is an answer token."""
     width = max(len(e.ids) for e in examples)
     ids = torch.zeros(len(examples), width, dtype=torch.long)
-    feats = torch.zeros(len(examples), width - 1, hidden)
+    feats = torch.zeros(len(examples), width - 1, hidden, device=device)
     mask = torch.zeros(len(examples), width - 2, dtype=torch.bool)
     for i, e in enumerate(examples):
         n = len(e.ids)
         ids[i, :n] = torch.tensor(e.ids)
         feats[i, : n - 1] = e.features.float()
         mask[i, max(0, e.answer_start - 2) : n - 2] = True
-    return ids, feats, mask
+    return ids.to(device), feats, mask.to(device)
 
 
 def head_forward(head: EagleHead, ids: torch.Tensor, feats: torch.Tensor, context: list | None = None):
@@ -122,17 +130,18 @@ def train_head(
     batches = shuffled_batches(len(examples), batch_size, seed)
     gen = torch.Generator().manual_seed(seed)
     hidden = head.config.hidden_size
+    device = rows.device
 
     def step_loss(step: int) -> torch.Tensor:
-        ids, feats, mask = _batch([examples[i] for i in next(batches)], hidden)
+        ids, feats, mask = _batch([examples[i] for i in next(batches)], hidden, device)
         scale = feats.pow(2).mean().sqrt()
-        inputs = feats + (torch.rand(feats.shape, generator=gen) - 0.5) * noise * scale
+        inputs = feats + (torch.rand(feats.shape, generator=gen).to(device) - 0.5) * noise * scale
         real = feats[:, 1:][mask]
         with torch.no_grad():
             p = torch.softmax(real @ rows.T, dim=-1)
         total, context = 0.0, []
         for _ in range(unroll):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 pred_all, kv = head_forward(head, ids, inputs, context)
                 pred = pred_all[:, :-1][mask]  # predictions of f_{t+1}
                 logits = head.lm_head(pred)
@@ -156,8 +165,9 @@ def top1_agreement(head: EagleHead, examples: list[FeatureExample]) -> float:
     answer positions (the first draft's greedy acceptance, in expectation)."""
     hits = total = 0
     vocab = head.draft_vocab
+    device = head.lm_head.weight.device
     for e in examples:
-        ids, feats, mask = _batch([e], head.config.hidden_size)
+        ids, feats, mask = _batch([e], head.config.hidden_size, device)
         pred = head_forward(head, ids, feats)[0][:, :-1][mask]
         guess = vocab[head.lm_head(pred).argmax(-1)]
         want = ids[:, 2:][mask]
@@ -178,51 +188,64 @@ def train(
     data: Path | None = None,
     unroll: int = 1,
     max_num_seqs: int = 64,
+    device: str = "cpu",
     log=print,
 ) -> dict:
     """The whole recipe; returns what it measured. `data`: a file to keep the collected answers
-    and features in (reused when it exists, so the head can be retrained without recollecting)."""
+    and features in (reused when it exists, so the head can be retrained without recollecting).
+    `device`: where to collect and train; on CPU the engine collects, elsewhere train/generate.py."""
     from falconet.models.loader import load_model
-    from falconet.train.prompts import self_written_prompts, synthetic_prompts
+    from falconet.train.prompts import self_written_prompts, self_written_prompts_dense, synthetic_prompts
 
     t0 = time.perf_counter()
+    on_cpu = torch.device(device).type == "cpu"
     loaded = load_model(target_spec, dtype=torch.bfloat16)
+    loaded.model.to(device)
     if data is not None and Path(data).is_file():
         log(f"reading the collected answers and features from {data}")
-        examples = [FeatureExample(**e) for e in torch.load(data)]
+        examples = [FeatureExample(**e) for e in torch.load(data, map_location=device)]
     else:
         # Three quarters written by the model itself (varied), a quarter from our templates
         # (translation, arithmetic, questions over a passage: the benchmark's task kinds).
         log(f"sampling {3 * num_prompts // 4} user requests from the target itself...")
-        engine = LLMEngine(loaded, EngineConfig(max_num_seqs=max_num_seqs))
-        prompts = self_written_prompts(engine, 3 * num_prompts // 4 + 48, seed=0, max_tokens=48)
-        del engine
+        if on_cpu:
+            engine = LLMEngine(loaded, EngineConfig(max_num_seqs=max_num_seqs))
+            prompts = self_written_prompts(engine, 3 * num_prompts // 4 + 48, seed=0, max_tokens=48)
+            del engine
+        else:
+            prompts = self_written_prompts_dense(loaded, 3 * num_prompts // 4 + 48, seed=0, max_tokens=48)
         prompts += synthetic_prompts(num_prompts + 64 - len(prompts), seed=0)
         random.Random(0).shuffle(prompts)
         encoded = [loaded.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
         log(f"collecting the answers and features for {len(encoded)} prompts ({max_tokens} tokens)...")
-        examples = collect_features(loaded, encoded, max_tokens, max_num_seqs)
+        if on_cpu:
+            examples = collect_features(loaded, encoded, max_tokens, max_num_seqs)
+        else:
+            examples = collect_features_dense(loaded, encoded, max_tokens)
         if data is not None:
             torch.save([dataclasses.asdict(e) for e in examples], data)
     t_collect = time.perf_counter() - t0
     held_out, examples = examples[-64:], examples[:-64]
-    target = load_model(target_spec, dtype=torch.float32, with_tokenizer=False).model
+    target = load_model(target_spec, dtype=torch.float32, with_tokenizer=False).model.to(device)
     eos = list(loaded.config.eos_token_ids)
     del loaded
     full = target.config.vocab_size
     vocab = draft_vocabulary(examples, min(vocab_size, full), full, eos)
     head = EagleHead(target, vocab)
     head.init_from_target()
+    head.to(device)
     log(f"training an EAGLE head (vocabulary {len(vocab)}) for {steps} steps...")
     t1 = time.perf_counter()
     losses = train_head(head, examples, steps, batch_size, lr, unroll=unroll, log=log)
     t_train = time.perf_counter() - t1
     agreement = top1_agreement(head, held_out)
+    head.to("cpu")
     info = {
         "target": str(target_spec or "smollm2-135m"), "draft_vocab_size": len(vocab),
         "num_prompts": len(examples), "max_tokens": max_tokens, "steps": steps, "batch_size": batch_size,
         "unroll": unroll, "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
         "collect_s": round(t_collect, 1), "train_s": round(t_train, 1), "held_out_top1": round(agreement, 4),
+        "device": str(device),
     }  # fmt: skip
     save_head(head, output, info)
     log(f"saved {output} ({info})")
