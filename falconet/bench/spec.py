@@ -8,7 +8,8 @@ mathematical reasoning and retrieval-augmented generation. Our prompts are our o
 model's chat template; a multi-turn item's second turn follows the answer to its first.
 
 Every prompt runs at batch 1 once per method, plain decoding first, in the same process, so
-each method's speedup is a ratio against plain decoding measured in the same run. Per method
+each method's speedup is a ratio against plain decoding measured in the same run; prefix caching
+is off, so every method pays every prompt's prefill as plain decoding does. Per method
 and category: tokens/s, mean accepted length (tokens per target forward) and speedup; the
 overall row sums all categories' tokens and times. Repeated for --runs runs and each of
 --temperatures (0 = greedy).
@@ -212,6 +213,9 @@ def cmd_bench_spec(args) -> int:
         dtype=args.dtype,
         quantization=args.quantization,
         max_num_seqs=1,
+        # Every method computes every prompt itself: with prefix caching, plain decoding (run
+        # first) would pay each prompt's prefill and the methods after it would find it cached.
+        enable_prefix_caching=False,
         draft_model=args.draft_model,
         draft_head=args.draft_head,
         compile=args.compile,

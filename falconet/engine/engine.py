@@ -178,6 +178,7 @@ class LLMEngine:
         if sampling:
             result = sample_batch(logits[: len(sampling)], sampling)
             for i, (req, token) in enumerate(zip(sampling, result.token_ids, strict=True)):
+                self.speculator.sampled(req, logits[i : i + 1])
                 self._record_logprob(req, logits[i], token, result.logprobs[i])
                 outputs.append(self._append_token(req, token))
         for req, draft, rows, extra, tree in verifying:

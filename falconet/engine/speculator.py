@@ -185,6 +185,8 @@ class Speculator:
         proposer = self.proposer(req.params.speculative)
         if extra_logits is not None:
             proposer.on_extra_rows(req, draft, end, extra_logits)
+        if proposer.uses_target_logits and logits is not None:
+            proposer.on_target_logits(req, draft, logits)
         if proposer.uses_target_predictions and logits is not None:
             proposer.on_target_predictions(req, draft, accepted, logits.argmax(dim=-1).tolist())
         if req.spec_stats is None:
@@ -193,6 +195,14 @@ class Speculator:
         req.spec_stats.record(len(draft.tokens), accepted, depth)
         self.stats.record(len(draft.tokens), accepted, depth)
         proposer.on_verified(req)
+
+    def sampled(self, req, logits) -> None:
+        """A speculative request sampled its next token without drafts (logits [1, V], its last
+        known token's row): proposers that keep the target's candidates see the row too."""
+        if req.params.speculative is not None:
+            proposer = self.proposer(req.params.speculative)
+            if proposer.uses_target_logits:
+                proposer.on_target_logits(req, None, logits)
 
     def forget(self) -> None:
         """Every method forgets what it learnt from earlier requests (Proposer.forget)."""

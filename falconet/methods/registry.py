@@ -71,6 +71,7 @@ def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.specdecpp import SpecDecPlusPlusProposer
     from falconet.methods.speculative.spectr import SpecTrProposer
     from falconet.methods.speculative.tetris import TetrisProposer
+    from falconet.methods.speculative.token_recycling import NgramRecyclingProposer, TokenRecyclingProposer
 
     for cls in (
         NgramProposer,
@@ -91,6 +92,8 @@ def _builtin_speculative(registry: Registry) -> None:
         OuroborosProposer,
         PPDProposer,
         HiddenTransferProposer,
+        TokenRecyclingProposer,
+        NgramRecyclingProposer,
     ):
         registry._entries[cls.name] = cls
 

@@ -36,6 +36,8 @@ METHODS = [
     "ouroboros",
     "ppd",
     "hidden-transfer",
+    "token-recycling",
+    "ngram-recycling",
 ]
 
 
@@ -157,6 +159,8 @@ def test_greedy_is_token_identical(tiny, drafts_for, method):
         "lookahead",
         "specdecpp",
         "pearl",
+        "token-recycling",
+        "ngram-recycling",
     ):
         assert stats.num_accepted > 0  # repeated phrases are found (ngram), the head learnt some
 
@@ -315,7 +319,7 @@ DISTRIBUTION_METHODS = {
     "draft-model": 2, "ngram": 2, "eagle": 2, "ngram-tree": 6, "decoy-tree": 6, "eagle-tree": 6,
     "spectr": 6, "rsd": 6, "dyspec": 6, "smartspec": 4, "tetris": 4,
     "lookahead": 6, "specdecpp": 3, "pearl": 3, "disco": 3,
-    "ouroboros": 4, "ppd": 3, "hidden-transfer": 3,
+    "ouroboros": 4, "ppd": 3, "hidden-transfer": 3, "token-recycling": 6, "ngram-recycling": 6,
 }  # fmt: skip
 
 
@@ -367,7 +371,9 @@ def _ratio_inverted(u, p, q):
     return u * p < q
 
 
-@pytest.mark.parametrize("method", ["draft-model", "decoy-tree", "spectr", "rsd", "tetris", "pearl", "ppd"])
+@pytest.mark.parametrize(
+    "method", ["draft-model", "decoy-tree", "spectr", "rsd", "tetris", "pearl", "ppd", "token-recycling"]
+)
 @pytest.mark.parametrize("mutation", [_always, _ratio_inverted], ids=["accept-always", "q-over-p"])
 def test_the_distribution_test_catches_a_wrong_acceptance_rule(
     peaked, tiny_eagle_head_dir, tiny_ppd_dir, tiny_transfer_dir, monkeypatch, mutation, method

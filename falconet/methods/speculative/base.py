@@ -180,6 +180,9 @@ class Proposer(ABC):
     # True: the engine passes the target's most likely token at every verified row to
     # `on_target_predictions` (a drafter that learns from verification results)
     uses_target_predictions: ClassVar[bool] = False
+    # True: the engine passes the target's logits at every row it computed for a request, verified
+    # or sampled, to `on_target_logits` (a drafter that keeps the target's candidate tokens)
+    uses_target_logits: ClassVar[bool] = False
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -226,6 +229,14 @@ class Proposer(ABC):
         """With `uses_target_predictions`: predicted[j] is the target's argmax after the request's
         known tokens (`all_ids`, not yet extended by this step's tokens) and drafts 0..j-1,
         rows past the first rejection included; `accepted` drafts were kept."""
+
+    def on_target_logits(  # noqa: B027 - optional hook
+        self, request: Request, draft: Draft | None, logits: torch.Tensor
+    ) -> None:
+        """With `uses_target_logits`: the target's logits computed this step for `request`, one
+        row for its last known token, then, if it verified `draft`, one per draft token, rejected
+        ones included. On steps where it sampled without drafts, draft is None. Called before the
+        step's tokens join `all_ids`."""
 
     def on_extra_rows(  # noqa: B027 - optional hook
         self, request: Request, draft: Draft, end: int, logits: torch.Tensor
