@@ -47,7 +47,7 @@ MAX_DEPTH = 6  # a tree's deepest node
 PRIOR = (0.36, 0.08, 0.05, 0.036, 0.025, 0.019, 0.015, 0.012)
 PRIOR_WEIGHT = 50
 MAX_ORDER = 3  # longest context (in tokens) that candidates are kept for
-MAX_CONTEXTS = 300_000  # contexts of each length > 1 kept (the oldest go first)
+MAX_CONTEXTS = 50_000  # contexts of each length > 1 kept, the oldest dropped first (~27 MB each)
 
 
 class CandidateMatrix:
