@@ -273,6 +273,8 @@ async def _run(
     timeout = httpx.Timeout(timeout_s, connect=30)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
         model = model or await _first_model(client, base_url)
+        if extra.get("speculative"):
+            await _forget(client, base_url)
         chat = endpoint == "chat"
         url = f"{base_url}/v1/{'chat/completions' if chat else 'completions'}"
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -311,6 +313,16 @@ async def _run(
         max_concurrency,
         extra.get("speculative"),
     )
+
+
+async def _forget(client, base_url: str) -> None:
+    """A Falconet server's speculative methods forget earlier requests, so that a method that
+    learns from them (token recycling's matrix, Lookahead's pool) does not draft this run's
+    answers from an earlier run of the same prompts. Other servers lack the route: nothing to do."""
+    try:
+        await client.post(f"{base_url}/forget")
+    except Exception:  # noqa: BLE001 - unreachable here means unreachable for the run, reported there
+        pass
 
 
 async def _first_model(client, base_url: str) -> str:

@@ -30,6 +30,7 @@ _SOURCES = [
         "linear_bf16.cpp",
         "fused_ops.cpp",
         "ops.cpp",
+        "top_k.cpp",
     )
 ]
 # One build per Python environment: torch keys its build folder by this name alone, and two
@@ -80,6 +81,15 @@ class _TracedKernels:
         if residual is None:
             return torch.ops.falconet.rms_norm(x, weight, eps)
         return torch.ops.falconet.add_rms_norm(x, residual, weight, eps)
+
+
+def top_k_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of each row's k largest entries, largest first ([rows, n] -> [rows, k]): the C++
+    kernel for float32 CPU rows (ties: lower index first), torch.topk otherwise."""
+    module = cpu_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 else None
+    if module is None or not 1 <= k <= x.shape[1]:
+        return torch.topk(x, k, dim=-1).indices
+    return module.top_k_rows(x, k)
 
 
 def _register_fakes() -> None:

@@ -67,7 +67,7 @@ def _builtin_speculative(registry: Registry) -> None:
     from falconet.methods.speculative.pearl import PearlProposer
     from falconet.methods.speculative.ppd import PPDProposer
     from falconet.methods.speculative.rsd import RecursiveSpeculativeProposer
-    from falconet.methods.speculative.smartspec import SmartSpecProposer
+    from falconet.methods.speculative.smartspec import SmartSpecProposer, SmartSpecRecyclingProposer
     from falconet.methods.speculative.specdecpp import SpecDecPlusPlusProposer
     from falconet.methods.speculative.spectr import SpecTrProposer
     from falconet.methods.speculative.tetris import TetrisProposer
@@ -94,6 +94,7 @@ def _builtin_speculative(registry: Registry) -> None:
         HiddenTransferProposer,
         TokenRecyclingProposer,
         NgramRecyclingProposer,
+        SmartSpecRecyclingProposer,
     ):
         registry._entries[cls.name] = cls
 

@@ -5,6 +5,7 @@
     /v1/chat/completions               chat through the model's template, streaming or not
     /tokenize, /detokenize             vLLM's helpers
     /health, /metrics                  liveness; Prometheus metrics
+    /forget                            speculative methods drop what they learnt (benchmarks)
 
 With an API key set, every route but /health and /metrics wants `Authorization: Bearer KEY`.
 """
@@ -106,6 +107,14 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         if any(not 0 <= t < vocab for t in body.tokens):
             raise bad_request(f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": await run_in_threadpool(serving.tokenizer.decode, body.tokens)}
+
+    @v1.post("/forget")
+    async def forget():
+        """Speculative methods drop what they learnt from earlier requests (Proposer.forget: a
+        pool of their tokens, acceptance rates), so that a benchmark repeating the same prompts
+        measures each run afresh (as vLLM's benchmarks reset its prefix cache between runs)."""
+        engine.forget()
+        return {}
 
     app.include_router(v1)
 

@@ -186,6 +186,11 @@ class AsyncEngine:
         """Abort what is left of a submission (its KV blocks are freed); a no-op once it ended."""
         self._commands.put((self._abort, stream))
 
+    def forget(self) -> None:
+        """Speculative methods forget earlier requests (Speculator.forget), in the engine thread,
+        before any submission queued after this call."""
+        self._commands.put((lambda _: self.engine.speculator.forget(), None))
+
     def begin_shutdown(self, grace_s: float) -> None:
         """Refuse new submissions; abort the ones still running after `grace_s` seconds.
         Safe to call from a signal handler."""

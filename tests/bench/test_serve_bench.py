@@ -186,6 +186,19 @@ def test_methods_and_concurrencies(server, capsys):
         args.func(args)
 
 
+def test_each_method_run_starts_afresh(server):
+    """Before each method's run the server's methods forget earlier requests (POST /forget):
+    token recycling's matrix would otherwise draft the answers of the run before, to the same
+    prompts. Greedy, one request at a time: the second run drafts and keeps exactly as the first."""
+    runs = run_serve_bench(
+        [server.url], num_prompts=3, input_len=6, output_len=12, max_concurrency=1,
+        speculative=["token-recycling", "token-recycling"],
+    )  # fmt: skip
+    kept = [sum(r.speculative_metrics["num_accepted_tokens"] for r in run.requests) for run in runs]
+    steps = [sum(r.speculative_metrics["num_steps"] for r in run.requests) for run in runs]
+    assert kept[0] == kept[1] and steps[0] == steps[1], (kept, steps)
+
+
 def test_unknown_method_fails_each_request(server):
     (run,) = run_serve_bench([server.url], num_prompts=2, input_len=3, output_len=2, speculative=["nope"])
     assert run.summary()["failed"] == 2 and "HTTP 400" in run.summary()["errors"][0]

@@ -38,6 +38,7 @@ METHODS = [
     "hidden-transfer",
     "token-recycling",
     "ngram-recycling",
+    "smartspec-recycling",
 ]
 
 
@@ -161,6 +162,7 @@ def test_greedy_is_token_identical(tiny, drafts_for, method):
         "pearl",
         "token-recycling",
         "ngram-recycling",
+        "smartspec-recycling",
     ):
         assert stats.num_accepted > 0  # repeated phrases are found (ngram), the head learnt some
 
@@ -270,8 +272,9 @@ def _samples(loaded, draft, params, seed0: int, head=None) -> list[list[int]]:
     engine = LLMEngine(
         loaded, EngineConfig(max_num_seqs=8 if tree else 256, draft_model=draft, draft_head=head)
     )
-    if params.speculative == "smartspec":  # 256 requests at once: rows cheap enough that first
-        engine.step_cost.predict = lambda rows: 1.0 + 0.002 * rows  # drafts pay, later ones not
+    if params.speculative in ("smartspec", "smartspec-recycling"):
+        # 256 requests at once: rows cheap enough that first drafts pay, later ones not
+        engine.step_cost.predict = lambda rows: 1.0 + 0.002 * rows
     reqs = [
         engine.add_request(prompt, SamplingParams(**{**params.__dict__, "seed": seed0 + i}))
         for i in range(SAMPLES)
@@ -320,6 +323,7 @@ DISTRIBUTION_METHODS = {
     "spectr": 6, "rsd": 6, "dyspec": 6, "smartspec": 4, "tetris": 4,
     "lookahead": 6, "specdecpp": 3, "pearl": 3, "disco": 3,
     "ouroboros": 4, "ppd": 3, "hidden-transfer": 3, "token-recycling": 6, "ngram-recycling": 6,
+    "smartspec-recycling": 6,
 }  # fmt: skip
 
 
@@ -393,8 +397,9 @@ def test_the_distribution_test_catches_a_wrong_acceptance_rule(
     assert any(p_value <= 1e-3 or tv >= TV_BOUND for p_value, tv in results), results
 
 
+@pytest.mark.parametrize("method", ["smartspec", "smartspec-recycling"])
 @pytest.mark.parametrize("slope, verified", [(1e-6, True), (10.0, False)], ids=["cheap-rows", "dear-rows"])
-def test_smartspec_verifies_drafts_only_where_they_pay(tiny, slope, verified):
+def test_smartspec_verifies_drafts_only_where_they_pay(tiny, slope, verified, method):
     """SmartSpec weighs drafts against the step time they add: with rows almost free every
     request verifies drafts; with each row costing 10x a step's fixed part none does. The
     output is plain decoding's either way."""
@@ -402,7 +407,7 @@ def test_smartspec_verifies_drafts_only_where_they_pay(tiny, slope, verified):
     plain, _ = generate(tiny, prompts, GREEDY, max_num_seqs=8)
     engine = LLMEngine(tiny, EngineConfig(max_num_seqs=8))
     engine.step_cost.predict = lambda rows: 1.0 + slope * rows
-    reqs = [engine.add_request(p, spec(GREEDY, "smartspec")) for p in prompts]
+    reqs = [engine.add_request(p, spec(GREEDY, method)) for p in prompts]
     while engine.has_unfinished():
         engine.step()
     assert [r.output_ids for r in reqs] == plain

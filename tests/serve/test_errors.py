@@ -173,6 +173,8 @@ def test_api_key(keyed_server):
         assert error["code"] == "invalid_api_key"
     error_of(httpx.get(url + "/v1/models"), 401)
     error_of(httpx.post(url + "/tokenize", json={"prompt": "w5"}), 401)
+    error_of(httpx.post(url + "/forget"), 401)  # what the server learnt is not anyone's to drop
+    assert httpx.post(url + "/forget", headers={"Authorization": "Bearer sesame"}).json() == {}
     error_of(httpx.post(url + "/v1/completions", json={"bad": 1}), 401)  # the key is checked first
     assert httpx.get(url + "/health").status_code == 200  # probes and scrapes need no key
     assert httpx.get(url + "/metrics").status_code == 200

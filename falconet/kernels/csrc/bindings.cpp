@@ -24,5 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up] rows", nogil);
   m.def("store_kv", &store_kv, "write k, v rows into the cache slots", nogil, py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("tiled") = false);
+  m.def("top_k_rows", &top_k_rows, "indices of each row's k largest entries, largest first", nogil);
   m.def("decode_attention", &decode_attention, "RoPE, cache store and paged attention of decode rows", nogil);
 }

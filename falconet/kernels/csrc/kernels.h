@@ -31,3 +31,5 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor positions, torch
                                torch::Tensor extra_rows, torch::Tensor extra_slots, torch::Tensor tables,
                                torch::Tensor lengths, int64_t heads, int64_t kv_heads, int64_t block_size,
                                int64_t window, double scale, bool tiled);
+// top_k.cpp: each row's k largest entries, largest first.
+torch::Tensor top_k_rows(torch::Tensor x, int64_t k);

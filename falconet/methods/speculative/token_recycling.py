@@ -37,6 +37,7 @@ import heapq
 
 import torch
 
+from falconet.kernels import top_k_indices
 from falconet.methods.speculative.base import Draft
 from falconet.methods.speculative.ngram import _Indexed, lookup
 
@@ -67,7 +68,7 @@ class CandidateMatrix:
     def update(self, contexts: list[tuple[int, ...]], logits: torch.Tensor) -> None:
         """Rows of the target: contexts[j] ends with row j's input token (up to max_order
         tokens), logits[j] are its next-token scores."""
-        top = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).indices.tolist()
+        top = top_k_indices(logits, min(self.top_k, logits.shape[-1])).tolist()
         for context, candidates in zip(contexts, top, strict=True):
             for n in range(1, min(self.max_order, len(context)) + 1):
                 table, key = self.tables[n - 1], context[-n:]
@@ -96,9 +97,17 @@ class CandidateMatrix:
                 return found, [h / trials for h in hits]
         return [], []
 
-    def tree(self, context: tuple[int, ...], budget: int, max_depth: int = MAX_DEPTH):
+    def tree(
+        self,
+        context: tuple[int, ...],
+        budget: int,
+        max_depth: int = MAX_DEPTH,
+        values: list[float] | None = None,
+    ):
         """Up to `budget` nodes (tokens, parents; -1: under the context's last token) grown
-        best-first by the product of their ranks' hit rates along the path."""
+        best-first by the product of their ranks' hit rates along the path: each node's estimate
+        of the chance that it is kept, appended to `values` if given (non-increasing: a child's
+        value is at most its parent's)."""
         tokens: list[int] = []
         parents: list[int] = []
         contexts: list[tuple[int, ...]] = []
@@ -116,6 +125,8 @@ class CandidateMatrix:
             tokens.append(token)
             parents.append(parent)
             contexts.append(ctx[-self.max_order :])
+            if values is not None:
+                values.append(-value)
             if len(self._path(parents, len(tokens) - 1)) < max_depth:
                 offer(len(tokens) - 1, contexts[-1], -value)
         return tokens, parents
@@ -173,10 +184,17 @@ class TokenRecyclingProposer(_Indexed):
                 chain = lookup(ids, min(k, self.ngram_length), self.max_n, self.min_n, self.index(req))
                 if chain:  # (recycled nodes beside the chain gained nothing measurable)
                     drafts.append(Draft(chain))
+                    self.drafted(req, drafts[-1], None)
                     continue
-            tokens, parents = self.matrix.tree(tuple(ids[-self.max_order :]), k)
+            values: list[float] = []
+            tokens, parents = self.matrix.tree(tuple(ids[-self.max_order :]), k, values=values)
             drafts.append(Draft(tokens, parents=parents))
+            self.drafted(req, drafts[-1], values)
         return drafts
+
+    def drafted(self, req, draft: Draft, values: list[float] | None) -> None:
+        """Hook (smartspec-recycling): `draft` was made for `req`; values: a recycled tree's
+        estimated chance, per node, that it is kept; None for prompt lookup's chain."""
 
     def on_reset(self, req) -> None:
         super().on_reset(req)

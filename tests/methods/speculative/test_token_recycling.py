@@ -1,6 +1,7 @@
 """Token Recycling's candidate matrix: the target's top-k per context, longest context first,
 grown into a tree best-first; and in the engine, every row the target computes feeds it."""
 
+import pytest
 import torch
 
 from falconet.engine.engine import EngineConfig, LLMEngine
@@ -49,6 +50,10 @@ def test_the_tree_grows_best_first_through_the_matrix():
     assert m.tree((1,), budget=6) == ([2, 4, 3, 8, 5, 6], [-1, 0, -1, 1, 0, 2])
     assert m.tree((1,), budget=6, max_depth=1) == ([2, 3], [-1, -1])
     assert m.tree((11,), budget=6) == ([], [])
+    values = []
+    m.tree((1,), budget=6, values=values)  # each node's value: what smartspec-recycling weighs
+    expected = [0.36, 0.36 * 0.36, 0.08, 0.36**3, 0.36 * 0.08, 0.08 * 0.36]
+    assert values == pytest.approx(expected)
 
 
 def test_deeper_nodes_use_their_own_path_as_context():
