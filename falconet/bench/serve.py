@@ -480,10 +480,27 @@ def _concurrencies(text: str | None) -> list[int | None]:
 
 def format_method_table(results: list[ServeBenchResult]) -> str:
     """Output tokens/s of each method at each concurrency, and its ratio to plain decoding
-    ("none") at the same concurrency on the same server."""
+    ("none") at the same concurrency on the same server: the plain run last before it, so that a
+    list repeating methods (none,a,none,a) compares each run with its neighbour on a drifting
+    machine. A method's repeated runs get rows of their own, numbered."""
     levels = sorted({r.max_concurrency or 0 for r in results})
-    plain = {(r.base_url, r.max_concurrency): r for r in results if r.speculative is None}
     names = {r.label[: -len(r.speculative or "none")].strip(): r.base_url for r in results}
+
+    def method(r: ServeBenchResult) -> str:
+        return r.speculative or "none"
+
+    def baseline(i: int) -> ServeBenchResult | None:
+        run = results[i]
+        key = (run.base_url, run.max_concurrency)
+        same = [
+            j
+            for j, r in enumerate(results)
+            if (r.base_url, r.max_concurrency) == key and r.speculative is None
+        ]
+
+        before = [j for j in same if j <= i]
+        return results[before[-1]] if before else (results[same[0]] if same else None)
+
     lines = [
         "by concurrency: output tokens/s, mean request latency (each as a speedup over plain decoding "
         "at the same concurrency), draft tokens verified per output token",
@@ -492,31 +509,35 @@ def format_method_table(results: list[ServeBenchResult]) -> str:
         "|---|---|" + "---|" * len(levels),
     ]
     for name, url in names.items():
-        for method in dict.fromkeys(r.speculative or "none" for r in results if r.base_url == url):
-            cells = []
-            for c in levels:
-                run = next(
-                    (r for r in results if r.base_url == url and (r.speculative or "none") == method
-                     and (r.max_concurrency or 0) == c),
-                    None,
-                )  # fmt: skip
-                base = plain.get((url, run.max_concurrency)) if run else None
-                if run is None or not run.completed:
-                    cells.append("-")
-                    continue
-                s = run.summary()
-                tps, latency = s["output_throughput"], s["e2e_latency_s"]["mean"]
-                cell = f"{tps:.1f}"
-                if base is not None and base.completed:
-                    b = base.summary()
-                    cell += f" ({tps / b['output_throughput']:.2f}x)"
-                    cell += f", {latency * 1000:.0f} ms ({b['e2e_latency_s']['mean'] / latency:.2f}x)"
-                else:
-                    cell += f", {latency * 1000:.0f} ms"
-                if run.drafted_per_output_token is not None:
-                    cell += f", {run.drafted_per_output_token:.2f} drafts/token"
-                cells.append(cell)
-            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+        mine = [i for i, r in enumerate(results) if r.base_url == url]
+        for m in dict.fromkeys(method(results[i]) for i in mine):
+            # the k-th run of this method at each concurrency
+            runs = [i for i in mine if method(results[i]) == m]
+            by_level = {c: [i for i in runs if (results[i].max_concurrency or 0) == c] for c in levels}
+            repeats = max(len(v) for v in by_level.values())
+            for k in range(repeats):
+                cells = []
+                for c in levels:
+                    i = by_level[c][k] if k < len(by_level[c]) else None
+                    run = results[i] if i is not None else None
+                    if run is None or not run.completed:
+                        cells.append("-")
+                        continue
+                    base = baseline(i)
+                    s = run.summary()
+                    tps, latency = s["output_throughput"], s["e2e_latency_s"]["mean"]
+                    cell = f"{tps:.1f}"
+                    if base is not None and base.completed:
+                        b = base.summary()
+                        cell += f" ({tps / b['output_throughput']:.2f}x)"
+                        cell += f", {latency * 1000:.0f} ms ({b['e2e_latency_s']['mean'] / latency:.2f}x)"
+                    else:
+                        cell += f", {latency * 1000:.0f} ms"
+                    if run.drafted_per_output_token is not None:
+                        cell += f", {run.drafted_per_output_token:.2f} drafts/token"
+                    cells.append(cell)
+                label = m if repeats == 1 else f"{m} ({k + 1})"
+                lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -199,6 +199,22 @@ def test_each_method_run_starts_afresh(server):
     assert kept[0] == kept[1] and steps[0] == steps[1], (kept, steps)
 
 
+def test_repeated_methods_each_get_a_row_beside_the_plain_run_before_them():
+    """none,a,none,a on a drifting machine: each run of `a` is compared with the plain run just
+    before it, and each has its own row."""
+    from falconet.bench.serve import RequestResult, ServeBenchResult, format_method_table
+
+    def run(method, seconds):  # 10 requests of 100 tokens, one after another
+        reqs = [RequestResult(True, output_tokens=100, ttft=0.1, latency=seconds / 10) for _ in range(10)]
+        label = f"u {method or 'none'}"
+        return ServeBenchResult(label, "u", "m", "chat", seconds, reqs, 1, method)
+
+    table = format_method_table([run(None, 10.0), run("a", 5.0), run(None, 20.0), run("a", 8.0)])
+    assert "| u | none (1) | 100.0 (1.00x)" in table and "| u | none (2) | 50.0 (1.00x)" in table
+    assert "| u | a (1) | 200.0 (2.00x)" in table  # against the first plain run
+    assert "| u | a (2) | 125.0 (2.50x)" in table  # against the second
+
+
 def test_unknown_method_fails_each_request(server):
     (run,) = run_serve_bench([server.url], num_prompts=2, input_len=3, output_len=2, speculative=["nope"])
     assert run.summary()["failed"] == 2 and "HTTP 400" in run.summary()["errors"][0]

@@ -167,6 +167,31 @@ def test_greedy_is_token_identical(tiny, drafts_for, method):
         assert stats.num_accepted > 0  # repeated phrases are found (ngram), the head learnt some
 
 
+# methods that learn from earlier requests (Proposer.forget has something to drop)
+LEARNING_METHODS = [
+    "smartspec", "lookahead", "specdecpp", "pearl", "disco", "ouroboros", "ppd",
+    "token-recycling", "ngram-recycling", "smartspec-recycling",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", LEARNING_METHODS)
+def test_forgetting_mid_flight_changes_nothing_but_drafts(tiny, drafts_for, method):
+    """A server's POST /forget may come while requests run: every few steps the methods drop
+    what they learnt, and the outputs are still plain decoding's, the KV cache all freed."""
+    prompts = repetitive_prompts(6, seed=6)
+    plain, _ = generate(tiny, prompts, GREEDY, max_num_seqs=6)
+    engine = LLMEngine(tiny, EngineConfig(max_num_seqs=6, **drafts_for(method)))
+    reqs = [engine.add_request(p, spec(GREEDY, method, k=3)) for p in prompts]
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        if steps % 3 == 0:
+            engine.speculator.forget()
+    assert [r.output_ids for r in reqs] == plain
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 @pytest.mark.parametrize("method", [*METHODS, "decoy-tree"])
 def test_mixed_batch_chunking_and_preemption(tiny, drafts_for, method):
     """Speculative and plain requests share steps under a small token budget and a KV cache
