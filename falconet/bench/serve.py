@@ -497,7 +497,6 @@ def format_method_table(results: list[ServeBenchResult]) -> str:
             for j, r in enumerate(results)
             if (r.base_url, r.max_concurrency) == key and r.speculative is None
         ]
-
         before = [j for j in same if j <= i]
         return results[before[-1]] if before else (results[same[0]] if same else None)
 

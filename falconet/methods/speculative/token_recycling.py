@@ -70,6 +70,8 @@ class CandidateMatrix:
         tokens), logits[j] are its next-token scores."""
         top = top_k_indices(logits, min(self.top_k, logits.shape[-1])).tolist()
         for context, candidates in zip(contexts, top, strict=True):
+            if candidates[-1] < 0:  # a row with NaN scores has fewer candidates than k
+                candidates = [t for t in candidates if t >= 0]
             for n in range(1, min(self.max_order, len(context)) + 1):
                 table, key = self.tables[n - 1], context[-n:]
                 old = table.pop(key, None)  # re-inserted last: the newest

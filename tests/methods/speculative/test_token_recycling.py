@@ -41,6 +41,14 @@ def test_the_latest_row_for_a_context_gives_its_candidates_longest_context_first
     assert m.tally[0][1] == 52 and m.tally[0][0][1] > m.tally[1][0][1]
 
 
+def test_a_row_with_nan_scores_gives_only_real_candidates():
+    m = CandidateMatrix(top_k=3, max_order=1)
+    row = torch.full((1, 20), float("nan"))
+    row[0, 4] = 1.0
+    m.update([(1,)], row)
+    assert m.candidates((1,))[0] == [4]
+
+
 def test_the_tree_grows_best_first_through_the_matrix():
     m = CandidateMatrix(top_k=2, max_order=1)
     m.update([(1,), (2,), (3,), (4,)], _logits([2, 3], [4, 5], [6, 7], [8, 9]))
