@@ -78,6 +78,8 @@ def test_kernel_matches_pytorch_path_float32(heads, kv_heads, dim, block_size, w
         (9, 3, 64, 16, 0),  # plain and, where the CPU has AVX512-BF16, tiled
         (8, 2, 128, 32, 0),
         (4, 1, 256, 16, 0),
+        (16, 2, 64, 16, 0),  # 8 query heads a kv head: two passes of 4
+        (6, 1, 128, 16, 0),  # 6: passes of 4 and 2 (scores), of 2 (values)
         (9, 3, 64, 16, 21),  # sliding window starting mid-tile
         (6, 2, 40, 4, 0),  # plain only: head_dim not a multiple of 32
     ],
@@ -105,6 +107,20 @@ def test_rows_are_independent_of_the_batch():
             one = q[i : i + 1].contiguous()
             alone = _kernel(one, k, v, tables[i : i + 1], lengths[i : i + 1], 16, 0, tiled)
             assert torch.equal(alone[0], batched[i])
+
+
+@pytest.mark.parametrize("heads,dim", [(3, 64), (8, 64), (6, 128), (3, 256)])
+def test_query_heads_are_independent_of_their_group(heads, dim):
+    """The tiled kernel takes several query heads of a kv head at once; each head's result is
+    bitwise what it gets as the only query head of its kv head."""
+    if not _layouts(dim, 16, heads)[-1]:
+        pytest.skip("needs the tiled bf16 kernel")
+    lengths = [1, 31, 300]
+    q, k, v, tables = _case(torch.bfloat16, heads, 1, dim, 16, lengths, seed=4)
+    grouped = _kernel(q, k, v, tables, lengths, 16, 0, tiled=True)
+    for h in range(heads):
+        alone = _kernel(q[:, h : h + 1].contiguous(), k, v, tables, lengths, 16, 0, tiled=True)
+        assert torch.equal(alone[:, 0], grouped[:, h])
 
 
 def test_bad_inputs_raise():

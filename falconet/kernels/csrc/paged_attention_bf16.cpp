@@ -39,20 +39,85 @@ inline void prefetch_tile(const uint16_t* tile, int64_t dim) {
 
 inline __m512bh bcast_pair(uint32_t pair) { return (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair)); }
 
+// Several query heads of one kv head at once: each key (value) load then serves all of them,
+// and their independent sums hide vdpbf16ps's latency (one head's 4 sums alone could not).
+// Each head's own arithmetic is exactly the one-head loop's, so results do not change.
+
+// Scores of GB query heads (q pairs `pairs` apart, rows of `n` scores apart) against one key tile.
+template <int GB, int C>
+inline void score_tile(const uint16_t* tile, const uint32_t* q, float* out, int64_t n, float scale) {
+  constexpr int64_t pairs = 16 * C;
+  __m512 s[GB][4];
+  for (int g = 0; g < GB; ++g)
+    for (int j = 0; j < 4; ++j) s[g][j] = _mm512_setzero_ps();
+#pragma GCC unroll 64
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh k = (__m512bh)_mm512_loadu_si512(tile + p * 2 * kTile);
+    for (int g = 0; g < GB; ++g) s[g][p % 4] = _mm512_dpbf16_ps(s[g][p % 4], k, bcast_pair(q[g * pairs + p]));
+  }
+  for (int g = 0; g < GB; ++g) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(s[g][0], s[g][1]), _mm512_add_ps(s[g][2], s[g][3]));
+    _mm512_storeu_ps(out + g * n, _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
+  }
+}
+
+// GB query heads' value sums over one value tile: probability pairs of head g at p + g * stride,
+// `full_pairs` whole token pairs and, with `odd`, one more token; sums at acc[g * 2C + c].
+template <int GB, int C>
+inline void value_tile(const uint16_t* tile, const uint32_t* p, int64_t stride, int64_t full_pairs, bool odd,
+                       __m512* acc) {
+  constexpr int64_t dim = 32 * C, chunks = 2 * C;
+  __m512 a[GB][chunks];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < chunks; ++c) a[g][c] = acc[g * chunks + c];
+  for (int64_t tp = 0; tp < full_pairs; ++tp) {
+    __m512bh v[chunks];
+    for (int c = 0; c < chunks; ++c) v[c] = (__m512bh)_mm512_loadu_si512(tile + tp * 2 * dim + c * 32);
+    for (int g = 0; g < GB; ++g) {
+      const __m512bh pb = bcast_pair(p[g * stride + tp]);
+#pragma GCC unroll 16
+      for (int c = 0; c < chunks; ++c) a[g][c] = _mm512_dpbf16_ps(a[g][c], v[c], pb);
+    }
+  }
+  if (odd) {
+    // The pair's second token is past the end and its slot may hold anything (NaN):
+    // load only the first token's halves.
+    __m512bh v[chunks];
+    for (int c = 0; c < chunks; ++c)
+      v[c] = (__m512bh)_mm512_maskz_loadu_epi16(0x55555555u, tile + full_pairs * 2 * dim + c * 32);
+    for (int g = 0; g < GB; ++g) {
+      const __m512bh pb = bcast_pair(p[g * stride + full_pairs]);
+      for (int c = 0; c < chunks; ++c) a[g][c] = _mm512_dpbf16_ps(a[g][c], v[c], pb);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < chunks; ++c) acc[g * chunks + c] = a[g][c];
+}
+
 // C = dim / 32: the head dimension is a compile-time constant so the accumulators live in registers.
 template <int C>
 void attend_tiled(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, uint16_t* out,
                   const int64_t* tables, const int64_t* lengths, int64_t rows, int64_t heads, int64_t kv_heads,
                   int64_t slots, int64_t max_blocks, int64_t block_size, int64_t window, float scale) {
   constexpr int64_t dim = 32 * C, pairs = 16 * C, chunks = 2 * C;  // chunks: 16 float32 outputs each
+  // query heads per pass: all of their sums and one tile's values must fit in the registers
+  constexpr int64_t kHeadsAtOnce = 4, kValueHeads = chunks <= 4 ? 4 : chunks <= 8 ? 2 : 1;
   const int64_t group = heads / kv_heads;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<uint32_t> ppairs;
     std::vector<__m512> acc(group * chunks);
     std::vector<float> total(group);
+    int64_t last_head = -1, last_block = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / kv_heads, h = task % kv_heads;
+      // Head-major: a thread takes the rows of one kv head one after another, so rows of one
+      // sequence (a token tree's, a chain's) find its keys and values still in cache. Their
+      // tiles are then requested ahead only for the first such row: issuing the prefetches
+      // again for data already in cache cost more than they saved.
+      const int64_t h = task / rows, r = task % rows;
+      const bool fetch = h != last_head || tables[r * max_blocks] != last_block;
+      last_head = h;
+      last_block = tables[r * max_blocks];
       const int64_t length = lengths[r];
       const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
       const int64_t t_begin = first / kTile * kTile;  // tiles start on 16-token boundaries
@@ -67,20 +132,22 @@ void attend_tiled(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_
       };
 
       // Scores: per tile, per query head, one dpbf16 per pair of dimensions for all 16 keys.
-      for (int64_t t0 = t_begin; t0 < length && t0 < t_begin + kPrefetch * kTile; t0 += kTile)
+      for (int64_t t0 = t_begin; fetch && t0 < length && t0 < t_begin + kPrefetch * kTile; t0 += kTile)
         prefetch_tile(tile_at(kh, t0), dim);
       for (int64_t t0 = t_begin; t0 < length; t0 += kTile) {
-        if (t0 + kPrefetch * kTile < length) prefetch_tile(tile_at(kh, t0 + kPrefetch * kTile), dim);
+        if (fetch && t0 + kPrefetch * kTile < length) prefetch_tile(tile_at(kh, t0 + kPrefetch * kTile), dim);
         const uint16_t* tile = tile_at(kh, t0);
-        for (int64_t g = 0; g < group; ++g) {
+        float* srow = scores.data() + (t0 - t_begin);
+        for (int64_t g = 0; g < group; g += kHeadsAtOnce) {
+          const int gb = static_cast<int>(std::min<int64_t>(kHeadsAtOnce, group - g));
           const uint32_t* qg = qpairs + g * pairs;
-          __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-#pragma GCC unroll 64
-          for (int64_t p = 0; p < pairs; ++p) {
-            s[p % 4] = _mm512_dpbf16_ps(s[p % 4], (__m512bh)_mm512_loadu_si512(tile + p * 2 * kTile), bcast_pair(qg[p]));
+          float* sg = srow + g * n;
+          switch (gb) {
+            case 1: score_tile<1, C>(tile, qg, sg, n, scale); break;
+            case 2: score_tile<2, C>(tile, qg, sg, n, scale); break;
+            case 3: score_tile<3, C>(tile, qg, sg, n, scale); break;
+            default: score_tile<4, C>(tile, qg, sg, n, scale); break;
           }
-          const __m512 sum = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
-          _mm512_storeu_ps(scores.data() + g * n + (t0 - t_begin), _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
         }
       }
 
@@ -89,8 +156,11 @@ void attend_tiled(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_
         float* sg = scores.data() + g * n;
         for (int64_t i = 0; i < first - t_begin; ++i) sg[i] = -INFINITY;
         for (int64_t i = length - t_begin; i < n; ++i) sg[i] = -INFINITY;
-        float m = -INFINITY;
-        for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
+        // (n is whole tiles; a NaN score is passed over, as std::max would: max_ps keeps its
+        // second operand when the first is NaN)
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < n; i += kTile) mv = _mm512_max_ps(_mm512_loadu_ps(sg + i), mv);
+        const float m = _mm512_reduce_max_ps(mv);
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < n; ++i) {
@@ -114,33 +184,24 @@ void attend_tiled(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_
 
       // Values: per tile, per query head, one dpbf16 per token pair and 16 dimensions.
       std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
-      for (int64_t t0 = t_begin; t0 < length && t0 < t_begin + kPrefetch * kTile; t0 += kTile)
+      for (int64_t t0 = t_begin; fetch && t0 < length && t0 < t_begin + kPrefetch * kTile; t0 += kTile)
         prefetch_tile(tile_at(vh, t0), dim);
       for (int64_t t0 = t_begin; t0 < length; t0 += kTile) {
-        if (t0 + kPrefetch * kTile < length) prefetch_tile(tile_at(vh, t0 + kPrefetch * kTile), dim);
+        if (fetch && t0 + kPrefetch * kTile < length) prefetch_tile(tile_at(vh, t0 + kPrefetch * kTile), dim);
         const uint16_t* tile = tile_at(vh, t0);
         const int64_t valid = std::min<int64_t>(kTile, length - t0);
         const int64_t full_pairs = valid / 2;
-        for (int64_t g = 0; g < group; ++g) {
-          const uint32_t* pg = ppairs.data() + g * n / 2 + (t0 - t_begin) / 2;
-          __m512 a[chunks];
-          for (int c = 0; c < chunks; ++c) a[c] = acc[g * chunks + c];
-          for (int64_t tp = 0; tp < full_pairs; ++tp) {
-            const __m512bh pb = bcast_pair(pg[tp]);
-#pragma GCC unroll 16
-            for (int c = 0; c < chunks; ++c)
-              a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)_mm512_loadu_si512(tile + tp * 2 * dim + c * 32), pb);
+        const uint32_t* pt = ppairs.data() + (t0 - t_begin) / 2;
+        for (int64_t g = 0; g < group; g += kValueHeads) {
+          const int gb = static_cast<int>(std::min<int64_t>(kValueHeads, group - g));
+          __m512* ag = acc.data() + g * chunks;
+          const uint32_t* pg = pt + g * n / 2;
+          switch (gb) {
+            case 1: value_tile<1, C>(tile, pg, n / 2, full_pairs, valid % 2, ag); break;
+            case 2: value_tile<2, C>(tile, pg, n / 2, full_pairs, valid % 2, ag); break;
+            case 3: value_tile<3, C>(tile, pg, n / 2, full_pairs, valid % 2, ag); break;
+            default: value_tile<4, C>(tile, pg, n / 2, full_pairs, valid % 2, ag); break;
           }
-          if (valid % 2) {
-            // The pair's second token is past the end and its slot may hold anything (NaN):
-            // load only the first token's halves.
-            const __m512bh pb = bcast_pair(pg[full_pairs]);
-            for (int c = 0; c < chunks; ++c) {
-              const __m512i v = _mm512_maskz_loadu_epi16(0x55555555u, tile + full_pairs * 2 * dim + c * 32);
-              a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)v, pb);
-            }
-          }
-          for (int c = 0; c < chunks; ++c) acc[g * chunks + c] = a[c];
         }
       }
       for (int64_t g = 0; g < group; ++g) {
