@@ -261,6 +261,14 @@ class PagedKVCache:
         if not pairs:
             return
         bs = self.block_size
+        if not {b for _, b in pairs} & {a for a, _ in pairs}:
+            # A block is one run of slots in every layer and head: a strided copy per block and
+            # cache (a token tree takes one or two a step) costs a fraction of gathering the
+            # slots by index into a temporary first.
+            for a, b in pairs:
+                for cache in (self.k, self.v):
+                    cache[:, :, b * bs : (b + 1) * bs].copy_(cache[:, :, a * bs : (a + 1) * bs])
+            return
         src = (torch.tensor([a for a, _ in pairs])[:, None] * bs + torch.arange(bs)).flatten()
         dst = (torch.tensor([b for _, b in pairs])[:, None] * bs + torch.arange(bs)).flatten()
         for cache in (self.k, self.v):

@@ -10,10 +10,12 @@ import torch
 
 from falconet.engine.engine import EngineConfig, LLMEngine
 from falconet.errors import FalconetError
+from falconet.methods.quant.int8 import Int8Linear
 from falconet.methods.registry import SPECULATIVE_METHODS
 from falconet.methods.speculative import verifier
 from falconet.methods.speculative.base import Draft
 from falconet.methods.speculative.ngram import NgramTreeProposer
+from falconet.models.linear import bf16_linear_kernels
 from falconet.models.loader import load_model
 from falconet.sampling_params import SamplingParams
 
@@ -223,12 +225,17 @@ def test_bfloat16_fast_paths_are_bitwise_identical(tiny_llama64_dir, tmp_path):
     save_head(head, tmp_path, {})
     prompts = repetitive_prompts(6, seed=3)
     plain, _ = generate(loaded, prompts, GREEDY, max_num_seqs=6)
-    for method, k in (("ngram", 4), ("layer-skip", 4), ("eagle", 4), ("ngram-tree", 12), ("decoy-tree", 12)):
+    methods = (("ngram", 4), ("layer-skip", 4), ("eagle", 4), ("eagle-tree", 10))
+    for method, k in (*methods, ("ngram-tree", 12), ("decoy-tree", 12)):
         outs, engine = generate(
             loaded, prompts, spec(GREEDY, method, k=k), max_num_seqs=6, draft_head=str(tmp_path)
         )
         assert outs == plain, method
-        assert engine.speculator.stats.num_accepted > 0 or method == "eagle", method
+        assert engine.speculator.stats.num_accepted > 0 or method.startswith("eagle"), method
+        if method.startswith("eagle") and bf16_linear_kernels() is not None:
+            # a bf16 head on the CPU kernels drafts in int8 (its layer and LM head)
+            head = engine.speculator.proposer(method).head
+            assert isinstance(head.lm_head, Int8Linear) and isinstance(head.layer.mlp.down_proj, Int8Linear)
 
 
 def test_eagle_after_a_prefix_cache_hit(tiny, tiny_eagle_head_dir):

@@ -69,3 +69,23 @@ def test_decode_only_only_for_decode_rows(config):
     assert cache.decode_only == (cache._kernels is not None)
     cache.begin_step([Segment([0], 4, 3, tree=(-1, 0, 0))])  # a tree: decode rows, extra stores
     assert cache.decode_only == (cache._kernels is not None)
+
+
+@pytest.mark.parametrize("pairs", [[(1, 5), (3, 6)], [(1, 2), (2, 4)]])  # disjoint; chained
+def test_copy_blocks_copies_whole_blocks_as_of_before_the_call(config, pairs):
+    """Every layer and kv head of each destination block gets its source block's content from
+    before the call, also where a destination is another pair's source."""
+    cache = PagedKVCache(config, 8, 16, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    k, v = cache.k.clone(), cache.v.clone()
+    cache.copy_blocks(pairs)
+    copied = {b for _, b in pairs}
+    for a, b in pairs:
+        assert torch.equal(cache.k[:, :, b * 16 : (b + 1) * 16], k[:, :, a * 16 : (a + 1) * 16])
+        assert torch.equal(cache.v[:, :, b * 16 : (b + 1) * 16], v[:, :, a * 16 : (a + 1) * 16])
+    for block in set(range(8)) - copied:
+        assert torch.equal(
+            cache.k[:, :, block * 16 : (block + 1) * 16], k[:, :, block * 16 : (block + 1) * 16]
+        )
